@@ -7,33 +7,34 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 extras=${1:-worker,operator,dev}
 cache=${ADAPTERMERGE_CACHE:-$HOME/.cache/adaptermerge}
 python=${PYTHON:-python3}
-key=$("$python" - "$repo/pyproject.toml" "$extras" <<'PY'
-import hashlib, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+# Line 1: the requirements; line 2: data packages installed without their dependencies.
+mapfile -t reqs < <("$python" - "$repo/pyproject.toml" "$extras" <<'PY'
+import sys, tomllib
+pyproject = tomllib.load(open(sys.argv[1], "rb"))
+project = pyproject["project"]
 deps = list(project["dependencies"])
 for extra in sys.argv[2].split(","):
     deps += project["optional-dependencies"][extra]
-print(hashlib.sha256("\n".join(sorted(deps)).encode()).hexdigest()[:16])
+print(" ".join(sorted(deps)))
+print(" ".join(pyproject["tool"]["adaptermerge"]["data-packages"]))
 PY
 )
+key=$(printf '%s\n' "${reqs[@]}" "$("$python" --version)" | sha256sum | cut -c1-16)
 venv=$cache/venv-$key
+mkdir -p "$cache"
+exec 9>"$cache/.bootstrap.lock"
+flock 9  # a second bootstrap (a parallel test run) waits instead of clobbering a half-made venv
 if [ ! -f "$venv/.complete" ]; then
   echo "bootstrap: creating $venv (one-time: torch is large)" >&2
   rm -rf "$venv"
-  mkdir -p "$cache"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
-  # Dependencies only; the project itself goes in below so each checkout installs itself.
-  "$venv/bin/pip" install -q $("$python" - "$repo/pyproject.toml" "$extras" <<'PY'
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-deps = list(project["dependencies"])
-for extra in sys.argv[2].split(","):
-    deps += project["optional-dependencies"][extra]
-print(" ".join(deps))
-PY
-) >&2
+  # shellcheck disable=SC2086  # word splitting of the requirement lists is intended
+  "$venv/bin/pip" install -q ${reqs[0]} >&2
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install -q --no-deps ${reqs[1]} >&2
   touch "$venv/.complete"
 fi
+# The project itself goes in on every call, so each checkout (a fresh CI clone too) runs its own code.
 "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" >&2
 echo "$venv"
