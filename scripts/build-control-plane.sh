@@ -45,6 +45,8 @@ build_kubernetes() {
   } > go.mod
   log "kubernetes $K8S_VERSION: $(grep -c ' => ' go.mod) staging modules pinned to $staging_version"
   go get "k8s.io/kubernetes@$K8S_VERSION" >&2
+  # kubectl is built too although Debian ships /usr/bin/kubectl v1.32: kubectl is supported only within
+  # one minor version of the server (1.35-1.37 for a 1.36 server), so 1.32 is outside the skew policy.
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
               k8s.io/kubernetes/cmd/kubectl)
   go get "${pkgs[@]/%/@$K8S_VERSION}" >&2
@@ -54,7 +56,7 @@ build_kubernetes() {
     flags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     flags+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
-  log "compiling kube-apiserver, kube-controller-manager, kubectl (10-25 min cold on 2 cores)"
+  log "compiling kube-apiserver, kube-controller-manager, kubectl (about 7 min cold on 2 cores)"
   go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "-s -w $flags" -o "$bin/" "${pkgs[@]}"
 }
 
@@ -76,8 +78,8 @@ build_helm() {
 }
 
 stamp_matches "$bin/etcd" "${ETCD_VERSION#v}" || build_etcd
-if ! stamp_matches "$bin/kube-apiserver" "$K8S_VERSION" || ! [ -x "$bin/kube-controller-manager" ] \
-   || ! [ -x "$bin/kubectl" ]; then
+if ! stamp_matches "$bin/kube-apiserver" "$K8S_VERSION" || ! stamp_matches "$bin/kube-controller-manager" "$K8S_VERSION" \
+   || ! { [ -x "$bin/kubectl" ] && "$bin/kubectl" version --client 2>/dev/null | grep -qF "$K8S_VERSION"; }; then
   build_kubernetes
 fi
 "$bin/helm" version --short 2>/dev/null | grep -qF "$HELM_VERSION" || build_helm

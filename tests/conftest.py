@@ -1,0 +1,49 @@
+"""Fixtures for tests that need the real Kubernetes control plane (contract 8).
+
+All are session-scoped except `namespace`, and pytest only builds a fixture when a test asks for it:
+a run that selects no cluster test starts no etcd, API server or kubelet.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+
+from support.control_plane import running_control_plane
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    with running_control_plane(tmp_path_factory.mktemp("control-plane")) as plane:
+        yield plane
+
+
+@pytest.fixture(scope="session")
+def claims_root(tmp_path_factory):
+    """Where the test kubelet finds PersistentVolumeClaim X: the folder <claims_root>/X."""
+    return tmp_path_factory.mktemp("claims")
+
+
+@pytest.fixture(scope="session")
+def test_kubelet(control_plane, claims_root, tmp_path_factory):
+    from support.kubelet import running_kubelet  # imports `kubernetes`: only when a test needs it
+
+    with running_kubelet(control_plane.api_client(), claims_root, tmp_path_factory.mktemp("kubelet")) as kubelet:
+        yield kubelet
+
+
+@pytest.fixture
+def namespace(control_plane):
+    """A fresh namespace, ready for pods (its 'default' ServiceAccount exists), deleted afterwards."""
+    name = f"test-{secrets.token_hex(4)}"
+    control_plane.kubectl("create", "namespace", name)
+    # Pods are refused until the serviceaccount controller has created the namespace's 'default' account.
+    deadline = time.monotonic() + 30
+    while control_plane.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")[0] != 200:
+        assert time.monotonic() < deadline, f"no 'default' ServiceAccount in {name}\n{control_plane.logs()}"
+        time.sleep(0.1)
+    yield name
+    # Not waited for: the namespace controller deletes the contents in the background.
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
