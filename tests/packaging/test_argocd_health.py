@@ -3,7 +3,6 @@ against the sample objects in examples/argocd/samples/. scripts/system-deps.sh i
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,7 @@ def lua_literal(value: Any) -> str:
     return f'"{escaped}"'
 
 
-def run_health(script: Path, obj: dict, tmp_path: Path) -> tuple[str, str]:
-    lua = shutil.which("lua5.4")
-    assert lua, "lua5.4 is missing: run scripts/system-deps.sh"
+def run_health(lua: str, script: Path, obj: dict, tmp_path: Path) -> tuple[str, str]:
     obj_file = tmp_path / "obj.lua"
     obj_file.write_text("return " + lua_literal(obj) + "\n")
     done = subprocess.run([lua, str(HARNESS), str(script), str(obj_file)], capture_output=True, text=True)
@@ -62,15 +59,15 @@ def test_every_sample_has_an_expected_outcome():
 
 
 @pytest.mark.parametrize("sample", sorted(EXPECTED))
-def test_health_of_sample(sample: str, tmp_path: Path):
+def test_health_of_sample(sample: str, tmp_path: Path, system_tool):
     obj = yaml.safe_load((ARGOCD / "samples" / f"{sample}.yaml").read_text())
-    status, message = run_health(ARGOCD / "health.lua", obj, tmp_path)
+    status, message = run_health(system_tool("lua5.4"), ARGOCD / "health.lua", obj, tmp_path)
     want_status, want_text = EXPECTED[sample]
     assert status == want_status, message
     assert want_text in message
 
 
-def test_argocd_cm_carries_the_same_script(tmp_path: Path):
+def test_argocd_cm_carries_the_same_script(tmp_path: Path, system_tool):
     cm = yaml.safe_load((ARGOCD / "argocd-cm.yaml").read_text())
     embedded = cm["data"][HEALTH_KEY]
     assert embedded == (ARGOCD / "health.lua").read_text(), (
@@ -80,4 +77,4 @@ def test_argocd_cm_carries_the_same_script(tmp_path: Path):
     script = tmp_path / "embedded.lua"
     script.write_text(embedded)
     obj = yaml.safe_load((ARGOCD / "samples" / "succeeded.yaml").read_text())
-    assert run_health(script, obj, tmp_path)[0] == "Healthy"
+    assert run_health(system_tool("lua5.4"), script, obj, tmp_path)[0] == "Healthy"
