@@ -1,0 +1,73 @@
+"""The chart's output is accepted by a real API server: `helm template` with default, namespaced and
+HA values, applied with `kubectl apply --dry-run=server` (full validation and admission, nothing
+stored). The example AdapterMerge for GitOps passes the real CRD's validation the same way."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from support.chart_identity import helm_template, object_prefix
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_CRDS = REPO / "charts" / "adaptermerge" / "crds"
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def chart_crds(control_plane):
+    """The chart's crds/ applied for real, as `helm install` does before the templates."""
+    control_plane.kubectl("apply", "-f", str(CHART_CRDS))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CHART_CRDS))
+
+
+@pytest.fixture
+def watched_namespace(control_plane):
+    name = f"test-watched-{secrets.token_hex(4)}"
+    control_plane.kubectl("create", "namespace", name)
+    yield name
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def server_dry_run(control_plane, helm: Path, namespace: str, values: dict) -> str:
+    manifest = helm_template(helm, namespace, {"fullnameOverride": object_prefix(namespace), **values})
+    done = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_default_values_apply(control_plane, helm, chart_crds, namespace):
+    out = server_dry_run(control_plane, helm, namespace, {})
+    for kind in ("serviceaccount", "clusterrole.rbac", "clusterrolebinding.rbac", "deployment.apps"):
+        assert kind in out
+
+
+def test_namespaced_values_apply(control_plane, helm, chart_crds, namespace, watched_namespace):
+    out = server_dry_run(control_plane, helm, namespace, {"watchNamespaces": [namespace, watched_namespace]})
+    kinds = [line.split("/")[0] for line in out.splitlines()]
+    assert kinds.count("role.rbac.authorization.k8s.io") == 2
+    assert kinds.count("rolebinding.rbac.authorization.k8s.io") == 2
+
+
+def test_ha_values_apply(control_plane, helm, chart_crds, namespace, watched_namespace):
+    out = server_dry_run(control_plane, helm, namespace, {"replicas": 3, "strategyType": "RollingUpdate"})
+    assert "clusterkopfpeering.kopf.dev/" in out
+    out = server_dry_run(control_plane, helm, namespace, {"replicas": 2, "watchNamespaces": [watched_namespace]})
+    assert "kopfpeering.kopf.dev/" in out
+
+
+def test_crds_as_templates_apply(control_plane, helm, chart_crds, namespace):
+    out = server_dry_run(control_plane, helm, namespace, {"crds": {"asTemplates": True}})
+    assert "customresourcedefinition.apiextensions.k8s.io/adaptermerges.adaptermerge.io" in out
+
+
+def test_gitops_example_passes_the_crd(control_plane, chart_crds, namespace):
+    example = REPO / "examples" / "gitops" / "adaptermerges" / "dev-assistant.yaml"
+    done = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(example), check=False)
+    assert done.returncode == 0, done.stderr
+    broken = example.read_text().replace("method: ties", "method: average")
+    done = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=broken, check=False)
+    assert done.returncode != 0 and "spec.method" in done.stderr
