@@ -1,0 +1,51 @@
+"""dare_linear (Yu et al., 2023): drop entries at random with p = 1 - density, rescale by 1/density, merge
+linearly.
+
+The randomness of adapter i on module `key` comes from its own generator, seeded with
+`dare_generator_seed(seed, key, i)`, and the kept entries are `torch.rand(shape, dtype=float32) <
+density` on the merge device. So the result depends only on (seed, module name, adapter index, device),
+never on module order or batching, and the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from merge_worker.methods.base import MergeMethod, weighted_sum
+
+
+def dare_generator_seed(seed: int, key: str, index: int) -> int:
+    """A 63-bit generator seed for adapter `index` on module `key` (stable across runs and machines)."""
+    digest = hashlib.sha256(f"{seed}/{key}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def drop_and_rescale_(
+    taus: torch.Tensor, density: float, seed: int, keys: Sequence[str]
+) -> torch.Tensor:
+    """DARE on (adapters, modules, ...) task vectors, in place."""
+    if density >= 1:
+        return taus  # nothing is dropped and 1/density is 1
+    for index, per_adapter in enumerate(taus):
+        for key, tau in zip(keys, per_adapter):
+            generator = torch.Generator(device=tau.device)
+            generator.manual_seed(dare_generator_seed(seed, key, index))
+            kept = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+            tau.masked_fill_(kept.logical_not_(), 0).div_(density)
+    return taus
+
+
+class DareLinear(MergeMethod):
+    name = "dare_linear"
+    needs_density = True
+
+    def combine(self, taus: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        p = self.params
+        return self.merge_sparse(drop_and_rescale_(taus, p.density, p.seed, keys))
+
+    def merge_sparse(self, taus: torch.Tensor) -> torch.Tensor:
+        """Combines the dropped-and-rescaled task vectors (dare_ties overrides this)."""
+        return weighted_sum(taus, self.params.weights, self.params.lambda_)
