@@ -3,6 +3,7 @@ chart rendering."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,3 +41,12 @@ def render_fails(helm) -> Callable[[dict[str, Any]], str]:
         return str(failure.value)
 
     return error
+
+
+@pytest.fixture
+def extra_namespace(control_plane):
+    """A second fresh namespace (the `namespace` fixture gives the first), deleted afterwards."""
+    name = f"test-extra-{secrets.token_hex(4)}"
+    control_plane.kubectl("create", "namespace", name)
+    yield name
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)

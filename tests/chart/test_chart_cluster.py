@@ -4,7 +4,6 @@ stored). The example AdapterMerge for GitOps passes the real CRD's validation th
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ def chart_crds(control_plane):
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CHART_CRDS))
 
 
-@pytest.fixture
-def watched_namespace(control_plane):
-    name = f"test-watched-{secrets.token_hex(4)}"
-    control_plane.kubectl("create", "namespace", name)
-    yield name
-    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
 def server_dry_run(control_plane, helm: Path, namespace: str, values: dict) -> str:
     manifest = helm_template(helm, namespace, {"fullnameOverride": object_prefix(namespace), **values})
     done = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
@@ -45,17 +36,17 @@ def test_default_values_apply(control_plane, helm, chart_crds, namespace):
         assert kind in out
 
 
-def test_namespaced_values_apply(control_plane, helm, chart_crds, namespace, watched_namespace):
-    out = server_dry_run(control_plane, helm, namespace, {"watchNamespaces": [namespace, watched_namespace]})
+def test_namespaced_values_apply(control_plane, helm, chart_crds, namespace, extra_namespace):
+    out = server_dry_run(control_plane, helm, namespace, {"watchNamespaces": [namespace, extra_namespace]})
     kinds = [line.split("/")[0] for line in out.splitlines()]
     assert kinds.count("role.rbac.authorization.k8s.io") == 2
     assert kinds.count("rolebinding.rbac.authorization.k8s.io") == 2
 
 
-def test_ha_values_apply(control_plane, helm, chart_crds, namespace, watched_namespace):
+def test_ha_values_apply(control_plane, helm, chart_crds, namespace, extra_namespace):
     out = server_dry_run(control_plane, helm, namespace, {"replicas": 3, "strategyType": "RollingUpdate"})
     assert "clusterkopfpeering.kopf.dev/" in out
-    out = server_dry_run(control_plane, helm, namespace, {"replicas": 2, "watchNamespaces": [watched_namespace]})
+    out = server_dry_run(control_plane, helm, namespace, {"replicas": 2, "watchNamespaces": [extra_namespace]})
     assert "kopfpeering.kopf.dev/" in out
 
 

@@ -8,7 +8,6 @@ sends) whether it may do each contract action, and whether it may read Secrets (
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 
 import pytest
@@ -141,14 +140,6 @@ def allowed_none_missing(control_plane, kubeconfig, checks, namespace) -> list:
     return [c for c, ok in zip(checks, access_reviews(control_plane, kubeconfig, checks, namespace)) if not ok]
 
 
-@pytest.fixture
-def other_namespace(control_plane):
-    name = f"test-other-{secrets.token_hex(4)}"
-    control_plane.kubectl("create", "namespace", name)
-    yield name
-    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
 @pytest.mark.cluster
 def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(control_plane, namespace):
     kubeconfig = operator_kubeconfig(control_plane, namespace)
@@ -164,14 +155,14 @@ def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(contr
 
 
 @pytest.mark.cluster
-def test_namespaced_identity_is_limited_to_watched_namespaces(control_plane, namespace, other_namespace):
-    kubeconfig = operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [other_namespace]})
-    assert allowed_none_missing(control_plane, kubeconfig, checks_of(NAMESPACED), other_namespace) == []
+def test_namespaced_identity_is_limited_to_watched_namespaces(control_plane, namespace, extra_namespace):
+    kubeconfig = operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [extra_namespace]})
+    assert allowed_none_missing(control_plane, kubeconfig, checks_of(NAMESPACED), extra_namespace) == []
     assert allowed_none_missing(control_plane, kubeconfig, checks_of(CRD_READ), None) == []
     # Its own release namespace is not watched: nothing there, and nothing cluster-wide but CRD reads.
     assert denied(control_plane, kubeconfig, checks_of(NAMESPACED), namespace) == []
     assert denied(control_plane, kubeconfig, checks_of(CLUSTER_WIDE_ONLY), None) == []
-    assert denied(control_plane, kubeconfig, FORBIDDEN, other_namespace) == []
+    assert denied(control_plane, kubeconfig, FORBIDDEN, extra_namespace) == []
 
 
 @pytest.mark.cluster
