@@ -1,0 +1,165 @@
+"""The `adaptermerge` command: run / validate a merge described by an AdapterMerge YAML file, print the
+CRD, or run the operator. See docs/cli.md.
+
+Imports stay light at module level (pydantic, PyYAML): the operator image has no torch, and `crd` /
+`operator` must work there. The worker (torch) is imported only by `run` and `validate`.
+
+Exit codes (../shared/API.md): 0 done; 2 invalid input (the message names the field or path, nothing is
+written); 3 merge written but evaluation below minRetention; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from merge_worker.result import build_result, write_result_file
+from merge_worker.spec import AdapterMergeSpec, SpecError, parse_resource
+from merge_worker.volumes import Volumes
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def load_spec_file(path: Path) -> AdapterMergeSpec:
+    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), f"cannot read the file: {exc}") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        raise SpecError(where, f"malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
+    if len(documents) != 1:
+        raise SpecError(str(path), f"expected one YAML document (an AdapterMerge), found {len(documents)}")
+    return parse_resource(documents[0]).spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptermerge", description="Merge PEFT LoRA adapters in delta-W space.",
+        epilog="exit codes: 0 done, 1 failure, 2 invalid input (nothing written), "
+               "3 merge written but evaluation below minRetention",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_inputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", type=Path, help="an AdapterMerge YAML file")
+        p.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
+                       help="map a claim named in the spec to a local folder (repeatable)")
+
+    run = commands.add_parser("run", help="run the merge a YAML file describes, on this machine")
+    with_inputs(run)
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto: cuda when available (default)")
+    run.add_argument("--result-file", type=Path, metavar="PATH",
+                     help="write the JSON result summary here (a pod's /dev/termination-log)")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check the spec and every input without writing")
+    with_inputs(validate)
+    validate.set_defaults(handler=_validate)
+
+    crd = commands.add_parser("crd", help="print the CustomResourceDefinition")
+    crd.set_defaults(handler=_crd)
+    commands.add_parser("operator", help="run the operator (kopf options follow)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["operator"]:
+        # Everything after `operator` is kopf's (e.g. --all-namespaces, --liveness URL), untouched.
+        from adaptermerge_operator.cli import run_operator
+
+        return run_operator(argv[1:])
+    args = _parser().parse_args(argv)
+    return args.handler(args)
+
+
+def _error(message: str) -> None:
+    print(f"adaptermerge: error: {message}", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+
+    def report(exit_code: int, message: str) -> int:
+        if args.result_file:
+            write_result_file(args.result_file, build_result(
+                exit_code, message, seconds=time.monotonic() - started))
+        return exit_code
+
+    previous_handler = _terminate_as_interrupt()
+    try:
+        spec = load_spec_file(args.file)
+        volumes = Volumes.from_args(args.volume)
+        from merge_worker.run import run_merge
+
+        outcome = run_merge(spec, volumes, device=args.device)
+    except SpecError as exc:
+        _error(str(exc))
+        return report(EXIT_INVALID, str(exc))
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was written")
+        return report(EXIT_FAILED, "interrupted; nothing was written")
+    except Exception as exc:  # noqa: BLE001 - any other failure: exit 1 with the reason
+        traceback.print_exc()
+        message = f"merge failed: {type(exc).__name__}: {exc}"
+        _error(message)
+        return report(EXIT_FAILED, message)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    if args.result_file:
+        write_result_file(args.result_file, outcome.result)
+    return outcome.exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec_file(args.file)
+        volumes = Volumes.from_args(args.volume)
+        from merge_worker.run import load_inputs
+
+        inputs = load_inputs(spec, volumes)
+    except SpecError as exc:
+        _error(str(exc))
+        return EXIT_INVALID
+    print(f"{args.file}: valid: {len(inputs.adapters)} adapters, {len(inputs.plan)} modules, "
+          f"method {spec.method}, output {spec.output.format} at {inputs.output_path}")
+    return EXIT_OK
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from merge_worker.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return EXIT_OK
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (a deleted pod) unwinds like Ctrl-C, so the temp folder is removed on the way out.
+    Returns the previous handler (None where signals cannot be set: not the main thread)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""merge-manifest.json, written beside the merged files: what went in (with sha256 of every input file),
+how it was merged (method, parameters, library versions, device), and what came out (per-module rank and
+reconstruction error, timings, evaluation). Enough to tell later exactly how an output was made.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from merge_worker.adapter_io import sha256_file
+from merge_worker.progress import ModuleRecord
+
+MANIFEST_FILE = "merge-manifest.json"
+_LIBRARIES = ("adaptermerge", "torch", "safetensors", "peft", "transformers", "numpy", "pydantic")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def describe_input(role: str, claim: str, path: str, folder: Path, files: list[Path], **extra: Any) -> dict:
+    """One input: where it lives in the spec's terms, and the sha256 of each file read from it."""
+    base = folder if folder.is_dir() else folder.parent
+    return {
+        "role": role,
+        "claimName": claim,
+        "path": path,
+        **extra,
+        "files": {str(f.relative_to(base)): sha256_file(f) for f in files},
+    }
+
+
+def build_manifest(
+    *,
+    spec: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    device: str,
+    modules: list[ModuleRecord],
+    timings: dict[str, float],
+    evaluation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    errors = [m.relative_error for m in modules]
+    return {
+        "apiVersion": "adaptermerge.io/v1alpha1",
+        "kind": "MergeManifest",
+        "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": spec["method"],
+        "parameters": spec.get("parameters", {}),
+        "output": spec["output"],
+        "spec": spec,
+        "inputs": inputs,
+        "libraries": library_versions(),
+        "device": device,
+        "summary": {
+            "modules": len(modules),
+            "maxReconstructionError": max(errors, default=0.0),
+            "meanReconstructionError": sum(errors) / len(errors) if errors else 0.0,
+        },
+        "modules": [
+            {k: v for k, v in asdict(m).items() if v not in ("", None) or k == "rank"} for m in modules
+        ],
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "evaluation": evaluation,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False, default=str) + "\n")
+    return path
