@@ -128,6 +128,7 @@ class ControlPlane:
     kubeconfig: Path = Path()
     ca_file: Path = Path()
     admin_token: str = ""
+    startup_seconds: float = 0.0
     processes: list[_Process] = field(default_factory=list)
 
     def kubectl(
@@ -271,12 +272,14 @@ class ControlPlane:
         raise StartupError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
 
     def start(self) -> "ControlPlane":
+        began = time.monotonic()
         try:
             self._start_apiserver(self._start_etcd())
             self._start_controller_manager()
         except BaseException:
             self.stop()
             raise
+        self.startup_seconds = time.monotonic() - began
         return self
 
 

@@ -462,8 +462,9 @@ class TestKubelet:
         meta = pod["metadata"]
         with contextlib.suppress(ApiException):  # already gone
             self.core.delete_namespaced_pod(
-                meta["name"], meta["namespace"], grace_period_seconds=0,
-                body={"preconditions": {"uid": meta["uid"]}}, _preload_content=False)
+                # In the body: with a body, the API server ignores DeleteOptions given as query parameters.
+                meta["name"], meta["namespace"], body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+                _preload_content=False)
 
 
 @contextlib.contextmanager
