@@ -8,6 +8,7 @@ test sessions can run side by side. Binaries come from scripts/build-control-pla
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # Only the controllers the tests rely on, which keeps the controller-manager light on 2 cores.
 CONTROLLERS = (
@@ -96,12 +98,20 @@ class _Process:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the test process dies, even by SIGKILL (a CI
+    timeout), so no etcd or API server outlives its test run. Linux-only; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _start(name: str, argv: list[str], workdir: Path) -> _Process:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         # A new session per component, so stop() can kill the component and anything it spawned.
         popen = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     return _Process(name, popen, log)
 
