@@ -97,7 +97,8 @@ def test_worker_defaults_reach_the_operator_as_contract_env_vars(render):
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     values = {"worker": {"image": {"repository": "registry.local/am-worker", "tag": "v9", "pullPolicy": "Always"},
                          "gpuResourceName": "amd.com/gpu", "nodeSelector": {"gpu": "a100"},
-                         "tolerations": tolerations, "queueName": "gpu-queue"},
+                         "tolerations": tolerations, "queueName": "gpu-queue",
+                         "runAsUser": 2000, "runAsGroup": 3000},
               "workerServiceAccount": {"name": "merger"}}
     got = env(render(values))
     assert got["ADAPTERMERGE_WORKER_IMAGE"] == "registry.local/am-worker:v9"
@@ -107,6 +108,7 @@ def test_worker_defaults_reach_the_operator_as_contract_env_vars(render):
     assert json.loads(got["ADAPTERMERGE_DEFAULT_NODE_SELECTOR"]) == {"gpu": "a100"}
     assert json.loads(got["ADAPTERMERGE_DEFAULT_TOLERATIONS"]) == tolerations
     assert got["ADAPTERMERGE_DEFAULT_QUEUE_NAME"] == "gpu-queue"
+    assert (got["ADAPTERMERGE_WORKER_RUN_AS_USER"], got["ADAPTERMERGE_WORKER_RUN_AS_GROUP"]) == ("2000", "3000")
 
 
 def test_default_worker_settings(render):
@@ -180,9 +182,23 @@ def test_ha_cluster_wide_uses_a_cluster_peering(render):
         ({"worker": {"tolerations": {"key": "x"}}}, "/worker/tolerations"),
         ({"worker": {"image": {"pullPolicy": "Sometimes"}}}, "/worker/image/pullPolicy"),
         ({"liveness": {"port": 70000}}, "/liveness/port"),
+        ({"worker": {"runAsUser": "nobody"}}, "/worker/runAsUser"),
         ({"serviceAccount": {"create": "true"}}, "/serviceAccount/create"),
         ({"replica": 2}, "replica"),  # a typo is an error, not silently ignored
     ],
 )
 def test_schema_rejects_wrong_values(render_fails, values, field):
     assert field in render_fails(values)
+
+
+@pytest.mark.parametrize("values", [{}, {"worker": {"nodeSelector": {"gpu": "h100"}, "queueName": "q",
+                                                    "tolerations": [{"key": "gpu", "operator": "Exists"}]}}])
+def test_operator_accepts_the_settings_the_chart_passes(render, values):
+    from adaptermerge_operator.settings import Settings
+
+    settings = Settings.from_env(env(render(values)))
+    worker = values.get("worker", {})
+    assert settings.default_node_selector == worker.get("nodeSelector", {})
+    assert settings.default_tolerations == worker.get("tolerations", [])
+    assert settings.default_queue_name == worker.get("queueName", "")
+    assert settings.worker_service_account.endswith("-worker")
