@@ -1,0 +1,99 @@
+"""kopf handlers: the AdapterMerge lifecycle, and the Job/pod events that drive its status.
+
+- create / update of spec / resume (operator start): retire older generations' Jobs, then make sure
+  the current generation's Job exists (or adopt it).
+- any event of a Job or pod the operator owns: recompute the owner's status.
+Jobs and pods are kept in in-memory indexes (kopf fills them before any handler runs), so adoption
+after a restart and status computation need no extra API reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kopf
+
+from merge_worker import spec as specs
+
+from adaptermerge_operator import names, reconcile
+from adaptermerge_operator.kube import KubeApi, load_client_config
+from adaptermerge_operator.settings import Settings
+from adaptermerge_operator.slim import slim_job, slim_pod
+
+MERGES = (specs.API_GROUP, specs.API_VERSION, specs.PLURAL)
+OWNED = {names.LABEL_UID: kopf.PRESENT}
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf posts an event per handler run at INFO; only our own transition events are worth keeping.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 2  # all handlers are async; API calls use KubeApi's own pool
+    memo.settings = Settings.from_env()
+    memo.api = KubeApi(load_client_config())
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    memo.api.close()
+
+
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def merge_jobs(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+    return {labels[names.LABEL_UID]: slim_job(body)}
+
+
+@kopf.index("", "v1", "pods", labels=OWNED)
+def merge_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+    return {labels[names.LABEL_UID]: slim_pod(body)}
+
+
+def _context(memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index) -> reconcile.Context:
+    return reconcile.Context(api=memo.api, settings=memo.settings, jobs=merge_jobs, pods=merge_pods)
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A mutable copy of kopf's read-only body view."""
+    return copy.deepcopy(dict(body))
+
+
+@kopf.on.resume(*MERGES)
+@kopf.on.create(*MERGES)
+@kopf.on.update(*MERGES, field="spec")
+async def reconcile_merge(
+    body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
+) -> None:
+    ctx = _context(memo, merge_jobs, merge_pods)
+    merge = _plain(body)
+    await reconcile.retire_superseded(ctx, merge)
+    if not await reconcile.ensure_job(ctx, merge):
+        # Invalid specs and finished merges get no Job event to trigger their status: write it here.
+        meta = merge["metadata"]
+        await reconcile.refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"])
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+async def job_event(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
+) -> None:
+    ctx = _context(memo, merge_jobs, merge_pods)
+    owner = body.metadata.annotations.get(names.ANNOTATION_OWNER)
+    uid = body.metadata.labels[names.LABEL_UID]
+    if not owner:
+        return
+    if type == "DELETED":
+        # Someone deleted the current generation's Job before its verdict: run it again.
+        merge = await ctx.api.run(ctx.api.get_merge, body.metadata.namespace, owner)
+        if merge is not None and merge["metadata"]["uid"] == uid:
+            await reconcile.ensure_job(ctx, merge)
+    await reconcile.refresh_status(ctx, body.metadata.namespace, owner, uid)
+
+
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+async def pod_event(body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any) -> None:
+    owner = body.metadata.annotations.get(names.ANNOTATION_OWNER)
+    if owner:
+        ctx = _context(memo, merge_jobs, merge_pods)
+        await reconcile.refresh_status(ctx, body.metadata.namespace, owner, body.metadata.labels[names.LABEL_UID])

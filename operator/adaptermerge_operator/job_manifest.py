@@ -1,0 +1,199 @@
+"""Renders one generation of an AdapterMerge into the ConfigMap and the Job that run its merge (contract 7).
+
+Pure functions of (resource, parsed spec, settings): the same inputs always give the same objects,
+so a re-render after an operator restart describes exactly the Job that may already exist.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import yaml
+
+from merge_worker import spec as specs
+from merge_worker.spec import AdapterMergeSpec
+
+from adaptermerge_operator import names
+from adaptermerge_operator.settings import Settings
+
+CONTAINER = "worker"
+SPEC_DIR = "/etc/adaptermerge"
+SPEC_KEY = "adaptermerge.yaml"
+CLAIMS_DIR = "/mnt/claims"
+TERMINATION_LOG = "/dev/termination-log"
+# Exit codes the worker uses for outcomes a retry cannot change (API.md): invalid input (2) and
+# evaluation below minRetention (3). The Job fails at once instead of re-running the same merge.
+FINAL_EXIT_CODES = [2, 3]
+
+
+def owner_reference(merge: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{specs.API_GROUP}/{specs.API_VERSION}",
+        "kind": specs.KIND,
+        "name": merge["metadata"]["name"],
+        "uid": merge["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(merge: Mapping[str, Any]) -> dict[str, Any]:
+    meta = merge["metadata"]
+    return {
+        "name": names.job_name(meta["name"], meta["generation"]),
+        "namespace": meta["namespace"],
+        "labels": names.owned_labels(meta["name"], meta["uid"], meta["generation"]),
+        "annotations": {names.ANNOTATION_OWNER: meta["name"]},
+        "ownerReferences": [owner_reference(merge)],
+    }
+
+
+def render_configmap(merge: Mapping[str, Any]) -> dict[str, Any]:
+    """The resource as `adaptermerge run` reads it, exactly as the user wrote its spec."""
+    meta = merge["metadata"]
+    document = {
+        "apiVersion": f"{specs.API_GROUP}/{specs.API_VERSION}",
+        "kind": specs.KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": copy.deepcopy(dict(merge["spec"])),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(merge),
+        "data": {SPEC_KEY: yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def claim_volumes(spec: AdapterMergeSpec) -> list[tuple[str, str, bool]]:
+    """(volume name, claim name, read-only) per claim; volume names stay short whatever the claim."""
+    return [
+        (f"claim-{i}", claim, not writable)
+        for i, (claim, writable) in enumerate(sorted(spec.claims().items()))
+    ]
+
+
+def worker_command(spec: AdapterMergeSpec) -> list[str]:
+    command = ["adaptermerge", "run", f"{SPEC_DIR}/{SPEC_KEY}"]
+    for _, claim, _ in claim_volumes(spec):
+        command += ["--volume", f"{claim}={CLAIMS_DIR}/{claim}"]
+    return command + ["--device", "auto", "--result-file", TERMINATION_LOG]
+
+
+def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
+    resources = copy.deepcopy(spec.job.resources)
+    if spec.job.gpus > 0:
+        # spec.job.gpus is the one place GPUs are asked for; a request must equal the limit.
+        gpus = str(spec.job.gpus)
+        resources.setdefault("limits", {})[settings.gpu_resource] = gpus
+        if settings.gpu_resource in resources.get("requests", {}):
+            resources["requests"][settings.gpu_resource] = gpus
+    return resources
+
+
+def _container(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
+    mounts = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+    mounts += [
+        {"name": volume, "mountPath": f"{CLAIMS_DIR}/{claim}", "readOnly": read_only}
+        for volume, claim, read_only in claim_volumes(spec)
+    ]
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    container = {
+        "name": CONTAINER,
+        "image": settings.worker_image,
+        "command": worker_command(spec),
+        # The root filesystem is read-only: caches and home go to the scratch emptyDir.
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": _resources(spec, settings),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": TERMINATION_LOG,
+        # The worker writes its JSON summary there; if it dies before, the log tail explains why.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+    if settings.worker_image_pull_policy:
+        container["imagePullPolicy"] = settings.worker_image_pull_policy
+    return container
+
+
+def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
+    configmap = names.job_name(merge["metadata"]["name"], merge["metadata"]["generation"])
+    volumes = [{"name": "spec", "configMap": {"name": configmap}}]
+    volumes += [
+        {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+        for volume, claim, read_only in claim_volumes(spec)
+    ]
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",  # retries are the Job's (backoffLimit), not the kubelet's
+        "automountServiceAccountToken": False,  # the worker talks to no API
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.worker_uid,
+            "runAsGroup": settings.worker_gid,
+            "fsGroup": settings.worker_gid,  # so the non-root worker can write the output claim
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(spec, settings)],
+        "volumes": volumes,
+    }
+    if settings.worker_service_account:
+        pod["serviceAccountName"] = settings.worker_service_account
+    node_selector = {**settings.default_node_selector, **spec.job.node_selector}
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    tolerations = [*settings.default_tolerations, *spec.job.tolerations]
+    if tolerations:
+        pod["tolerations"] = copy.deepcopy(tolerations)
+    if spec.job.affinity:
+        pod["affinity"] = copy.deepcopy(spec.job.affinity)
+    if spec.job.priority_class_name:
+        pod["priorityClassName"] = spec.job.priority_class_name
+    return pod
+
+
+def render_job(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
+    metadata = _metadata(merge)
+    queue = spec.job.queue_name or settings.default_queue_name
+    if queue:
+        metadata["labels"][names.LABEL_QUEUE] = queue
+    pod_labels = {k: v for k, v in metadata["labels"].items() if k != names.LABEL_QUEUE}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": spec.job.backoff_limit,
+            "activeDeadlineSeconds": spec.job.active_deadline_seconds,
+            "ttlSecondsAfterFinished": spec.job.ttl_seconds_after_finished,
+            # A replacement pod starts only once the failed one is gone: two workers never write
+            # the same output at once.
+            "podReplacementPolicy": "Failed",
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": CONTAINER,
+                            "operator": "In",
+                            "values": FINAL_EXIT_CODES,
+                        },
+                    }
+                ]
+            },
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": dict(metadata["annotations"])},
+                "spec": _pod_spec(merge, spec, settings),
+            },
+        },
+    }

@@ -1,0 +1,104 @@
+"""Builders for AdapterMerge resources, Jobs and pods as the API server would hand them to the operator.
+
+Offered as the `objects` fixture (tests/operator is no importable package: `operator` is stdlib's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from merge_worker.result import build_result
+
+from adaptermerge_operator import names
+from adaptermerge_operator.settings import Settings
+
+SPEC = {
+    "volume": {"claimName": "store"},
+    "adapters": [
+        {"name": "coder", "path": "adapters/coder", "weight": 0.6},
+        {"name": "sql", "path": "adapters/sql", "claimName": "other-store"},
+    ],
+    "method": "ties",
+    "parameters": {"density": 0.5},
+    "output": {"path": "merged/out", "rank": 8},
+}
+
+
+def merge_resource(spec: dict | None = None, *, name: str = "dev", generation: int = 1,
+                   status: dict | None = None) -> dict[str, Any]:
+    resource = {
+        "apiVersion": "adaptermerge.io/v1alpha1",
+        "kind": "AdapterMerge",
+        "metadata": {"name": name, "namespace": "team", "uid": "uid-1234", "generation": generation,
+                     "resourceVersion": "7"},
+        "spec": copy.deepcopy(SPEC if spec is None else spec),
+    }
+    if status is not None:
+        resource["status"] = status
+    return resource
+
+
+def job_object(name: str = "dev-1", *, conditions: list[dict] | None = None, suspend: bool = False,
+               labels: dict | None = None, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {names.LABEL_GENERATION: name.rsplit("-", 1)[-1], **(labels or {})}},
+        "spec": {"suspend": suspend, "activeDeadlineSeconds": 60},
+        "status": {"conditions": conditions or [], **status},
+    }
+
+
+def condition(type_: str, reason: str = "", message: str = "", at: str = "2030-01-01T00:00:10Z") -> dict:
+    return {"type": type_, "status": "True", "reason": reason, "message": message, "lastTransitionTime": at}
+
+
+def pod_object(job: str = "dev-1", *, name: str = "dev-1-abcde", phase: str = "Pending", created: str = "2030-01-01T00:00:00Z",
+               state: dict | None = None, conditions: list[dict] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"job-name": job}, "creationTimestamp": created},
+        "status": {
+            "phase": phase,
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "worker", "state": state or {}}],
+        },
+    }
+
+
+def terminated(exit_code: int, message: str) -> dict:
+    return {"terminated": {"exitCode": exit_code, "message": message}}
+
+
+def worker_summary(exit_code: int, message: str, **details: Any) -> str:
+    """The termination message the real worker writes (H-worker's builder, contract 5)."""
+    return json.dumps(build_result(exit_code, message, **details))
+
+
+class Objects:
+    SPEC = SPEC
+    merge = staticmethod(merge_resource)
+    job = staticmethod(job_object)
+    pod = staticmethod(pod_object)
+    condition = staticmethod(condition)
+    terminated = staticmethod(terminated)
+    summary = staticmethod(worker_summary)
+
+
+@pytest.fixture
+def objects() -> type[Objects]:
+    return Objects
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        worker_image="registry.example/worker:1",
+        worker_image_pull_policy="IfNotPresent",
+        worker_service_account="merge-worker",
+        gpu_resource="example.com/gpu",
+        default_node_selector={"pool": "gpu", "zone": "a"},
+        default_tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        default_queue_name="",
+    )

@@ -1,0 +1,180 @@
+"""From a resource, its Job and pods to the status API.md describes, without a cluster."""
+
+from __future__ import annotations
+
+from adaptermerge_operator import status
+
+NOW = "2030-01-01T00:01:00Z"
+EARLIER = "2030-01-01T00:00:30Z"
+
+
+def ready(result):
+    [condition] = [c for c in result["conditions"] if c["type"] == "Ready"]
+    return condition
+
+
+def test_termination_message_parsing(objects):
+    summary = objects.summary(0, "merged", seconds=1.5, modules=4)
+    assert status.parse_termination_message(summary)["modules"] == 4
+    for text in (None, "", "Traceback (most recent call last):\n  boom", "[1, 2]", "{broken"):
+        assert status.parse_termination_message(text) is None
+
+
+def test_job_created_but_no_pod_yet_is_pending(objects):
+    result = status.desired_status(objects.merge(), [objects.job(startTime=EARLIER)], [], NOW)
+    assert (result["phase"], ready(result)["reason"], ready(result)["status"]) == ("Pending", "JobPending", "False")
+    assert result["jobName"] == "dev-1" and result["observedGeneration"] == 1
+    assert result["startTime"] == EARLIER
+    assert result["output"] == {"claimName": "store", "path": "merged/out", "format": "adapter", "rank": 8}
+
+
+def test_unschedulable_pod_explains_why(objects):
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    pod = objects.pod(conditions=[scheduled])
+    result = status.desired_status(objects.merge(), [objects.job()], [pod], NOW)
+    assert result["phase"] == "Pending" and "Insufficient nvidia.com/gpu" in ready(result)["message"]
+
+
+def test_suspended_job_waits_for_its_queue(objects):
+    job = objects.job(suspend=True, labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    result = status.desired_status(objects.merge(), [job], [], NOW)
+    assert result["phase"] == "Pending" and "team-a" in ready(result)["message"]
+
+
+def test_running_pod_makes_the_merge_running(objects):
+    pod = objects.pod(phase="Running", state={"running": {"startedAt": EARLIER}})
+    result = status.desired_status(objects.merge(), [objects.job()], [pod], NOW)
+    assert (result["phase"], ready(result)["reason"]) == ("Running", "JobRunning")
+    assert "dev-1-abcde" in ready(result)["message"]
+
+
+def test_pods_of_other_jobs_are_ignored(objects):
+    stale = objects.pod(job="dev-0", name="dev-0-zzzzz", phase="Running")
+    result = status.desired_status(objects.merge(), [objects.job()], [stale], NOW)
+    assert result["phase"] == "Pending"
+
+
+def test_completed_job_is_ready_with_the_worker_result(objects):
+    summary = objects.summary(0, "merged 2 adapters into store:merged/out", seconds=2.4, modules=224,
+                              max_reconstruction_error=0.08, rank=8, retention={"python": 0.94, "sql": None},
+                              output={"claimName": "store", "path": "merged/out", "format": "adapter"})
+    job = objects.job(conditions=[objects.condition("Complete")], startTime=EARLIER, completionTime=NOW)
+    pod = objects.pod(phase="Succeeded", state=objects.terminated(0, summary))
+    result = status.desired_status(objects.merge(), [job], [pod], NOW)
+    assert result["phase"] == "Succeeded"
+    assert (ready(result)["status"], ready(result)["reason"]) == ("True", "MergeSucceeded")
+    assert ready(result)["message"] == "merged 2 adapters into store:merged/out"
+    assert result["result"] == {"seconds": 2.4, "modules": 224, "maxReconstructionError": 0.08, "rank": 8,
+                                "retention": {"python": 0.94, "sql": None}, "exitCode": 0}
+    assert (result["startTime"], result["completionTime"]) == (EARLIER, NOW)
+
+
+def test_auto_rank_reports_the_rank_written(objects):
+    spec = {**objects.SPEC, "output": {"path": "merged/out", "rank": "auto"}}
+    job = objects.job(conditions=[objects.condition("Complete")])
+    pod = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "ok", rank=12)))
+    assert status.desired_status(objects.merge(spec), [job], [pod], NOW)["output"]["rank"] == 12
+    pod_without_rank = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "ok")))
+    assert status.desired_status(objects.merge(spec), [job], [pod_without_rank], NOW)["output"]["rank"] == "auto"
+
+
+def test_worker_failure_keeps_the_worker_reason_and_message(objects):
+    for exit_code, reason in ((2, "InvalidSpec"), (3, "RetentionBelowThreshold"), (1, "JobFailed")):
+        message = f"failure with exit code {exit_code}: spec.adapters[1].path: adapters/sql does not exist"
+        job = objects.job(conditions=[objects.condition("Failed", "PodFailurePolicy")])
+        pod = objects.pod(phase="Failed", state=objects.terminated(exit_code, objects.summary(exit_code, message)))
+        result = status.desired_status(objects.merge(), [job], [pod], NOW)
+        assert (result["phase"], ready(result)["reason"], ready(result)["message"]) == ("Failed", reason, message)
+        assert result["result"]["exitCode"] == exit_code
+
+
+def test_failure_target_is_already_final(objects):
+    job = objects.job(conditions=[objects.condition("FailureTarget", "BackoffLimitExceeded")])
+    pod = objects.pod(phase="Failed", state=objects.terminated(1, objects.summary(1, "CUDA out of memory")))
+    result = status.desired_status(objects.merge(), [job], [pod], NOW)
+    assert (result["phase"], ready(result)["reason"]) == ("Failed", "JobFailed")
+    assert ready(result)["message"] == "CUDA out of memory"
+
+
+def test_deadline_exceeded(objects):
+    job = objects.job(conditions=[objects.condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])
+    pod = objects.pod(phase="Running")  # the deadline killed a running worker: no summary
+    result = status.desired_status(objects.merge(), [job], [pod], NOW)
+    assert (result["phase"], ready(result)["reason"]) == ("Failed", "DeadlineExceeded")
+    assert "activeDeadlineSeconds=60" in ready(result)["message"]
+    assert result["completionTime"] == "2030-01-01T00:00:10Z"
+
+
+def test_worker_that_died_before_its_summary_reports_its_last_log_line(objects):
+    log_tail = "loading adapters\nTraceback (most recent call last):\nMemoryError: cannot allocate\n"
+    job = objects.job(conditions=[objects.condition("Failed", "BackoffLimitExceeded")])
+    pod = objects.pod(phase="Failed", state=objects.terminated(137, log_tail))
+    result = status.desired_status(objects.merge(), [job], [pod], NOW)
+    assert (ready(result)["reason"], ready(result)["message"]) == ("JobFailed", "MemoryError: cannot allocate")
+    assert "result" not in result
+
+
+def test_the_newest_attempt_speaks(objects):
+    first = objects.pod(name="dev-1-first", phase="Failed", created="2030-01-01T00:00:00Z",
+                        state=objects.terminated(1, objects.summary(1, "first attempt")))
+    second = objects.pod(name="dev-1-second", phase="Failed", created="2030-01-01T00:00:20Z",
+                         state=objects.terminated(1, objects.summary(1, "second attempt")))
+    job = objects.job(conditions=[objects.condition("Failed", "BackoffLimitExceeded")])
+    result = status.desired_status(objects.merge(), [job], [second, first], NOW)
+    assert ready(result)["message"] == "second attempt"
+
+
+def test_invalid_spec_names_the_field_and_has_no_job(objects):
+    spec = {**objects.SPEC, "adapters": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}
+    result = status.desired_status(objects.merge(spec, generation=3), [], [], NOW)
+    assert result["phase"] == "Failed" and result["observedGeneration"] == 3
+    assert ready(result)["reason"] == "InvalidSpec"
+    assert ready(result)["message"].startswith("spec.adapters[1].name")
+    assert "jobName" not in result
+
+
+def test_status_follows_the_newest_generation(objects):
+    old_job = objects.job("dev-1", conditions=[objects.condition("Complete")])
+    result = status.desired_status(objects.merge(generation=2), [old_job], [], NOW)
+    assert (result["jobName"], result["phase"], result["observedGeneration"]) == ("dev-2", "Pending", 2)
+
+
+def test_last_transition_time_moves_only_when_the_condition_status_does(objects):
+    pending = status.desired_status(objects.merge(), [objects.job()], [], EARLIER)
+    running_pod = objects.pod(phase="Running")
+    running = status.desired_status(objects.merge(status=pending), [objects.job()], [running_pod], NOW)
+    assert ready(running)["reason"] == "JobRunning"
+    assert ready(running)["lastTransitionTime"] == EARLIER  # False -> False: no transition
+    done = objects.job(conditions=[objects.condition("Complete")])
+    succeeded = status.desired_status(objects.merge(status=running), [done], [], NOW)
+    assert (ready(succeeded)["status"], ready(succeeded)["lastTransitionTime"]) == ("True", NOW)
+
+
+def test_a_verdict_survives_the_job_being_cleaned_up(objects):
+    done = objects.job(conditions=[objects.condition("Complete")])
+    pod = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "ok", modules=3)))
+    succeeded = status.desired_status(objects.merge(), [done], [pod], EARLIER)
+    after_ttl = status.desired_status(objects.merge(status=succeeded), [], [], NOW)
+    assert after_ttl == succeeded
+
+
+def test_a_result_that_arrives_after_the_verdict_is_filled_in(objects):
+    done = objects.job(conditions=[objects.condition("Complete")])
+    without = status.desired_status(objects.merge(), [done], [], EARLIER)
+    assert without["phase"] == "Succeeded" and "result" not in without
+    pod = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "merged well", modules=3)))
+    later = status.desired_status(objects.merge(status=without), [done], [pod], NOW)
+    assert later["result"]["modules"] == 3 and ready(later)["message"] == "merged well"
+
+
+def test_kopf_bookkeeping_is_not_the_operators_status(objects):
+    kept = status.own_status({"phase": "Running", "kopf": {"progress": {}}, "reconcile_merge": {"x": 1}})
+    assert kept == {"phase": "Running"}
+
+
+def test_is_finished_only_for_the_same_generation(objects):
+    assert status.is_finished({"phase": "Succeeded", "observedGeneration": 2}, 2)
+    assert not status.is_finished({"phase": "Succeeded", "observedGeneration": 1}, 2)
+    assert not status.is_finished({"phase": "Running", "observedGeneration": 2}, 2)
+    assert not status.is_finished(None, 1)
