@@ -133,11 +133,9 @@ def _sketch_core(
     deltas: torch.Tensor, width: int, power_iterations: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized range finder on (M, out, in) deltas: deltas ~= left @ core @ right^T, `width` columns."""
-    generator = torch.Generator(device=deltas.device).manual_seed(0)  # deterministic output bytes
-    probe = torch.randn(
-        deltas.shape[0], deltas.shape[2], width, generator=generator,
-        dtype=deltas.dtype, device=deltas.device,
-    )
+    # One fixed probe for every module: the output bytes depend neither on chance nor on batching.
+    generator = torch.Generator(device=deltas.device).manual_seed(0)
+    probe = torch.randn(deltas.shape[2], width, generator=generator, dtype=deltas.dtype, device=deltas.device)
     left = torch.linalg.qr(deltas @ probe).Q
     for _ in range(power_iterations):
         left = torch.linalg.qr(deltas @ torch.linalg.qr(deltas.mT @ left).Q).Q

@@ -29,18 +29,19 @@ def keep_count(numel: int, density: float) -> int:
     return round(density * numel)
 
 
-def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |x| as a 0-d tensor (+inf for k <= 0, 0 for k >= numel), exactly."""
-    n = x.numel()
+def kth_largest_magnitude(x: torch.Tensor, k: int, *, sort_at_most: int = _SORT_AT_MOST) -> torch.Tensor:
+    """The k-th largest |x| as a 0-d tensor, exactly (+inf for k <= 0: nothing reaches it).
+
+    Radix passes run while more than `sort_at_most` candidates remain; then a sort finishes."""
     if k <= 0:
         return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    if k >= n:
-        return torch.zeros((), dtype=x.dtype, device=x.device)
+    if k >= x.numel():
+        return x.abs().min()
     bits = x.reshape(-1).abs().view(_BITS_DTYPE[x.dtype])
     # The sign bit of |x| is 0, so the magnitude lives in the remaining bits.
     shift = bits.element_size() * 8 - 1
     remaining = k  # the k-th largest overall is the `remaining`-th largest among the candidates
-    while bits.numel() > _SORT_AT_MOST and shift > 0:
+    while bits.numel() > sort_at_most and shift > 0:
         width = min(_DIGIT_BITS, shift)
         shift -= width
         digit = (bits >> shift) & ((1 << width) - 1)
