@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +26,10 @@ def library_versions() -> dict[str, str | None]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    import torch
+
+    versions["torch"] = torch.__version__  # with its build tag (e.g. +cu130), unlike the dist version
+    versions["cuda"] = torch.version.cuda
     return versions
 
 
@@ -68,12 +71,15 @@ def build_manifest(
             "maxReconstructionError": max(errors, default=0.0),
             "meanReconstructionError": sum(errors) / len(errors) if errors else 0.0,
         },
-        "modules": [
-            {k: v for k, v in asdict(m).items() if v not in ("", None) or k == "rank"} for m in modules
-        ],
+        "modules": [_module_entry(m) for m in modules],
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "evaluation": evaluation,
     }
+
+
+def _module_entry(record: ModuleRecord) -> dict[str, Any]:
+    entry = {"name": record.name, "rank": record.rank, "relativeError": record.relative_error}
+    return entry | ({"note": record.note} if record.note else {})
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:

@@ -3,11 +3,16 @@ seconds to import; each model or adapter then takes well under a second)."""
 
 from __future__ import annotations
 
+import json
+import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+from merge_worker.cli import main
 from support.tiny_models import make_lora_adapter, make_tiny_llama
 
 
@@ -34,3 +39,43 @@ def store(tiny_inputs, tmp_path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(tiny_inputs, copy)
     return copy
+
+
+def merge_resource(spec: dict) -> dict:
+    """A whole AdapterMerge resource around `spec` (defaults: claim `store`)."""
+    return {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge",
+            "metadata": {"name": "test"}, "spec": {"volume": {"claimName": "store"}, **spec}}
+
+
+@dataclass
+class CliRun:
+    code: int
+    out: str
+    err: str
+    result: dict | None
+
+
+@pytest.fixture
+def adaptermerge(capsys, tmp_path):
+    """Runs `adaptermerge <command> <spec file> --volume store=<store>` in-process; `spec` is a dict
+    (written as YAML) or a path. Returns exit code, stdout, stderr and the parsed --result-file."""
+
+    def run(command: str, spec, store: Path, *extra: str) -> CliRun:
+        if isinstance(spec, dict):
+            path = tmp_path / f"merge-{secrets.token_hex(3)}.yaml"
+            path.write_text(yaml.safe_dump(merge_resource(spec)))
+        else:
+            path = spec
+        result_file = tmp_path / f"result-{secrets.token_hex(3)}.json"
+        argv = [command, str(path), "--volume", f"store={store}", *extra]
+        if command == "run":
+            argv += ["--device", "cpu", "--result-file", str(result_file)]
+        capsys.readouterr()
+        code = main(argv)
+        captured = capsys.readouterr()
+        result = json.loads(result_file.read_text()) if result_file.exists() else None
+        if result is not None:
+            assert len(result_file.read_bytes()) < 4096
+        return CliRun(code, captured.out, captured.err, result)
+
+    return run
