@@ -173,3 +173,40 @@ def test_unschedulable_pod_stays_pending(control_plane, test_kubelet, namespace)
     [pod] = pods_of(control_plane, namespace, "nowhere")
     assert "nodeName" not in pod["spec"]
     assert pod["status"]["phase"] == "Pending"
+
+
+def test_on_failure_restarts_in_place_until_the_backoff_limit(control_plane, test_kubelet, namespace):
+    manifest = job("restarts", "exit 4", backoff_limit=1)
+    manifest["spec"]["template"]["spec"]["restartPolicy"] = "OnFailure"
+    create(control_plane, namespace, manifest)
+    restart_counts = set()
+
+    def failed():
+        for pod in pods_of(control_plane, namespace, "restarts"):
+            restart_counts.update(s["restartCount"] for s in pod["status"].get("containerStatuses", []))
+        status = control_plane.get_json("job", "restarts", namespace=namespace).get("status", {})
+        return next((c for c in status.get("conditions", []) if c["type"] == "Failed"), None)
+
+    condition = wait_until(failed, 60, "the Job to fail")
+    assert condition["reason"] == "BackoffLimitExceeded"
+    # The same pod restarted in place; the Job controller counts restarts against backoffLimit.
+    assert max(restart_counts) >= 1
+    assert control_plane.get_json("job", "restarts", namespace=namespace)["status"].get("failed") == 1
+
+
+def test_deleting_a_pod_sends_sigterm_first(control_plane, test_kubelet, namespace, claims_root):
+    marker = claims_root / f"{namespace}-sigterm"
+    script = f"trap 'echo terminated > {marker}; exit 0' TERM; sleep 300 & wait"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "graceful"},
+           "spec": {"restartPolicy": "Never", "containers": [{"name": "worker", "image": "test-only",
+                                                             "command": ["sh", "-c", script]}]}}
+    create(control_plane, namespace, pod)
+    wait_until(lambda: control_plane.get_json("pod", "graceful", namespace=namespace)["status"].get("phase")
+               == "Running", 30, "the pod to run")
+
+    control_plane.kubectl("delete", "pod", "graceful", "-n", namespace, "--grace-period=5", "--wait=false")
+
+    wait_until(lambda: marker.exists(), 10, "the command's SIGTERM handler")
+    assert marker.read_text() == "terminated\n"
+    wait_until(lambda: control_plane.kubectl("get", "pod", "graceful", "-n", namespace, check=False).returncode,
+               10, "the pod to be removed")

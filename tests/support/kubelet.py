@@ -43,6 +43,8 @@ DEFAULT_CAPACITY = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
 FALLBACK_LOG_BYTES = 2048
+# A deleted pod's process gets SIGTERM, then SIGKILL after its grace period, but at most this long.
+MAX_GRACE_SECONDS = 10
 
 log = logging.getLogger("test-kubelet")
 
@@ -89,6 +91,7 @@ class _PodRun:
     pod: dict
     folder: Path
     deleted: threading.Event = field(default_factory=threading.Event)
+    grace_seconds: float = 0  # the deletion's grace period, once deleted
     process: subprocess.Popen | None = None
     thread: threading.Thread | None = None
 
@@ -145,16 +148,20 @@ class _PodRun:
                              last_state=last_state, ready=True)
                 terminated = self._wait_for_exit(started, termination_file)
             failed = terminated["terminated"]["exitCode"] != 0
-            restart = not self.deleted.is_set() and (restart_policy == "Always" or
+            restart = not self._ending() and (restart_policy == "Always" or
                                                      (restart_policy == "OnFailure" and failed))
             if not restart:
-                phase = "Failed" if failed or self.deleted.is_set() else "Succeeded"
+                phase = "Failed" if failed else "Succeeded"  # also when deleted: a kubelet does the same
                 self._report(phase, terminated, restarts=restarts, last_state=last_state)
                 return
             restarts, last_state = restarts + 1, terminated
-            if self.deleted.wait(1.0):  # the kubelet's crash-loop back-off, shortened for tests
+            if self._ending(wait=1.0):  # the kubelet's crash-loop back-off, shortened for tests
                 self._report("Failed", terminated, restarts=restarts - 1, last_state=None)
                 return
+
+    def _ending(self, wait: float = 0) -> bool:
+        """True once the pod is deleted or the kubelet stops (waiting up to `wait` seconds for either)."""
+        return self.deleted.wait(wait) or self.kubelet.stopping
 
     def _start(self, argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
         with self.log_file.open("ab") as out:
@@ -164,8 +171,8 @@ class _PodRun:
 
     def _wait_for_exit(self, started: str, termination_file: Path) -> dict:
         while self.process.poll() is None:
-            if self.deleted.wait(0.1):
-                self.kill(self.pod["metadata"].get("deletionGracePeriodSeconds") or 0)
+            if self._ending(wait=0.1):
+                self.kill(self.grace_seconds)
         code = _exit_code(self.process.returncode)
         return _state("terminated", exitCode=code, reason="Completed" if code == 0 else "Error",
                       startedAt=started, finishedAt=_now(), containerID=self._container_id(),
@@ -176,7 +183,7 @@ class _PodRun:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, min(grace_seconds, 5)), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, min(grace_seconds, MAX_GRACE_SECONDS)), (signal.SIGKILL, 10)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -204,7 +211,7 @@ class _PodRun:
                 break
             except _NotReady as missing:
                 self._report("Pending", _state("waiting", reason="ContainerCreating", message=str(missing)))
-                if self.deleted.wait(1.0):
+                if self._ending(wait=1.0):
                     return None, None, None, None
         container = self.container
         termination_file = self.folder / "termination-log"
@@ -339,6 +346,10 @@ class TestKubelet:
         self._watcher.start()
         return self
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
@@ -412,6 +423,7 @@ class TestKubelet:
             run = self._runs.get(meta["uid"])
         if event_type == "DELETED" or meta.get("deletionTimestamp"):
             if run:
+                run.grace_seconds = meta.get("deletionGracePeriodSeconds", 0)
                 run.deleted.set()  # its thread kills the process, reports and finishes the deletion
             idle = not run or not run.thread.is_alive()
             if idle and spec.get("nodeName") == self.node_name and event_type != "DELETED":
