@@ -368,7 +368,7 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     result = build_result(
         exit_code, message, seconds=seconds, modules=len(records),
         max_reconstruction_error=max((r.relative_error for r in records), default=0.0),
-        rank=spec.output.rank,
+        rank=spec.output.rank if spec.output.format == "adapter" else None,  # a merged model has no rank
         output={"claimName": spec.claim_of(spec.output), "path": spec.output.path, "format": spec.output.format},
         retention=None if evaluation is None else {
             name: d.get("retention") for name, d in evaluation.get("datasets", {}).items()
@@ -398,7 +398,8 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
     manifest = build_manifest(
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
         inputs=_describe_inputs(inputs),
-        device=str(device), modules=records, timings=timings, evaluation=evaluation,
+        device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
+        evaluation=evaluation,
     )
     write_manifest(tmp, manifest)
     return records, evaluation, manifest

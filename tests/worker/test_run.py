@@ -171,3 +171,43 @@ def test_cli_imports_and_prints_the_crd_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "kind: CustomResourceDefinition" in done.stdout and "adaptermerges.adaptermerge.io" in done.stdout
+
+
+def test_progress_bar_on_a_terminal_and_tables():
+    import io
+
+    from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, merge_summary
+
+    stream = io.StringIO()
+    progress = ModuleProgress(2, stream=stream, tty=True)
+    progress.update(ModuleRecord("m.q_proj", 4, 0.125))
+    progress.update(ModuleRecord("m.v_proj", 8, 0.5))
+    progress.close()
+    assert "2/2" in stream.getvalue() and "adaptermerge:" not in stream.getvalue()  # a bar, not log lines
+    table = merge_summary([ModuleRecord("m.q_proj", 4, 0.125), ModuleRecord("m.v_proj", 8, 0.5)], 1.5)
+    header, row = table.splitlines()
+    assert header.split()[:2] == ["modules", "rank"]
+    assert row.split()[:5] == ["2", "4-8", "(mean", "6.0)", "0.5"]
+    evaluation = {"passed": False, "minRetention": 0.8, "datasets": {"sql": {
+        "adapter": "b", "examples": 5, "baseLoss": 2.0, "sourceLoss": 1.0, "mergedLoss": 1.7,
+        "retention": 0.3, "exactMatch": {"base": 0.0, "source": 0.6, "merged": 0.2}}}}
+    text = evaluation_summary(evaluation)
+    assert "sql" in text and "0.3" in text and "0/0.6/0.2" in text and "FAILED (minRetention 0.8)" in text
+
+
+def test_sigterm_mid_merge_leaves_nothing(store, adaptermerge, monkeypatch):
+    import os
+    import signal
+
+    original = AdapterWriter.add_module
+
+    def terminated(self, *args):
+        os.kill(os.getpid(), signal.SIGTERM)  # what Kubernetes sends a pod being deleted
+        return original(self, *args)
+
+    monkeypatch.setattr(AdapterWriter, "add_module", terminated)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    run = adaptermerge("run", SPEC, store)
+    assert run.code == 1 and "interrupted" in run.err and run.result["reason"] == "MergeFailed"
+    assert not (store / "merged").exists() and _no_leftovers(store)
+    assert signal.getsignal(signal.SIGTERM) == handler_before
