@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from evaluation.tiny_lm import COLOURS, EOS, NUMBERS, WORDS
+from evaluation.tiny_lm import CODE, EOS, SQL, token_ids
 
 from merge_worker.evaluation import Scorer, encode
 from merge_worker.model_loading import load_causal_lm, load_tokenizer
@@ -16,8 +16,8 @@ CPU = torch.device("cpu")
 def hand_loss(model, pairs) -> float:
     total, count = 0.0, 0
     for prompt, completion in pairs:
-        prompt_ids = [WORDS.index(w) for w in prompt.split()]
-        ids = prompt_ids + [WORDS.index(w) for w in completion.split()] + [EOS]
+        prompt_ids = token_ids(prompt)
+        ids = prompt_ids + token_ids(completion) + [EOS]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()
         log_probs = logits - logits.exp().sum(dim=-1, keepdim=True).log()
@@ -36,7 +36,7 @@ def base(tiny_store):
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_loss_equals_hand_computed_mean_over_completion_tokens(base, batch_size):
     model, tokenizer = base
-    pairs = COLOURS + NUMBERS  # different lengths, so batches of 3 and 8 are padded
+    pairs = CODE + SQL  # different lengths, so batches of 3 and 8 are padded
     examples = [encode(tokenizer, p, c) for p, c in pairs]
     got = Scorer(model, tokenizer, CPU, batch_size=batch_size).loss(examples)
     assert got == pytest.approx(hand_loss(model, pairs), rel=1e-5)
@@ -44,11 +44,11 @@ def test_loss_equals_hand_computed_mean_over_completion_tokens(base, batch_size)
 
 def test_loss_is_token_weighted_not_a_mean_of_example_means(base):
     model, tokenizer = base
-    short, long = ("Q: one", "sun"), ("Q: one three", "sun sun moon")  # 2 and 4 scored tokens
+    short, long = ("question query", "select id"), ("question sum x", "return sum ( x )")  # 3 and 6 scored
     examples = [encode(tokenizer, *short), encode(tokenizer, *long)]
     got = Scorer(model, tokenizer, CPU).loss(examples)
     per_example = (hand_loss(model, [short]) + hand_loss(model, [long])) / 2
-    weighted = (2 * hand_loss(model, [short]) + 4 * hand_loss(model, [long])) / 6
+    weighted = (3 * hand_loss(model, [short]) + 6 * hand_loss(model, [long])) / 9
     assert got == pytest.approx(weighted, rel=1e-5)
     assert got != pytest.approx(per_example, rel=1e-5)
 
@@ -58,12 +58,12 @@ def test_adapter_switching_scores_each_adapter_and_the_bare_base(tiny_store, bas
 
     path = tiny_store / "models" / "tiny"
     model, tokenizer = load_causal_lm(path, "none", CPU).model, load_tokenizer(path)
-    examples = [encode(tokenizer, p, c) for p, c in COLOURS]
+    examples = [encode(tokenizer, p, c) for p, c in CODE]
     scorer = Scorer(model, tokenizer, CPU, batch_size=2)
-    scorer.attach("a", tiny_store / "adapters" / "colours")
-    scorer.attach("b", tiny_store / "adapters" / "numbers")
+    scorer.attach("a", tiny_store / "adapters" / "code")
+    scorer.attach("b", tiny_store / "adapters" / "sql")
     fresh_base = load_causal_lm(path, "none", CPU).model
-    alone = PeftModel.from_pretrained(load_causal_lm(path, "none", CPU).model, tiny_store / "adapters" / "colours")
-    assert scorer.loss(examples) == pytest.approx(hand_loss(fresh_base, COLOURS), rel=1e-5)
-    assert scorer.loss(examples, "a") == pytest.approx(hand_loss(alone, COLOURS), rel=1e-5)
+    alone = PeftModel.from_pretrained(load_causal_lm(path, "none", CPU).model, tiny_store / "adapters" / "code")
+    assert scorer.loss(examples) == pytest.approx(hand_loss(fresh_base, CODE), rel=1e-5)
+    assert scorer.loss(examples, "a") == pytest.approx(hand_loss(alone, CODE), rel=1e-5)
     assert scorer.loss(examples, "a") < scorer.loss(examples)  # the trained adapter learned its skill

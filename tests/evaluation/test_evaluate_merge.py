@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluation.tiny_lm import COLOURS, NUMBERS
+from evaluation.tiny_lm import CODE, SQL
 
 from merge_worker.evaluation import completion_loss, encode, evaluate_merge
 from merge_worker.model_loading import load_causal_lm, load_tokenizer
@@ -33,13 +33,13 @@ class FolderVolumes:
 
 def spec_for(output_format="adapter", quantization="none", min_retention=None, exact=False, max_examples=None):
     datasets = [
-        {"name": "colours", "path": "eval/colours.jsonl", "adapter": "colours", "exactMatch": exact},
-        {"name": "numbers", "path": "eval/numbers.jsonl", "adapter": "numbers", "maxExamples": max_examples},
+        {"name": "code", "path": "eval/code.jsonl", "adapter": "code", "exactMatch": exact},
+        {"name": "sql", "path": "eval/sql.jsonl", "adapter": "sql", "maxExamples": max_examples},
     ]
     return parse_spec({
         "volume": {"claimName": "store"},
         "baseModel": {"path": "models/tiny", "quantization": quantization},
-        "adapters": [{"name": "colours", "path": "adapters/colours"}, {"name": "numbers", "path": "adapters/numbers"}],
+        "adapters": [{"name": "code", "path": "adapters/code"}, {"name": "sql", "path": "adapters/sql"}],
         "method": "linear",
         "output": {"path": "out", "format": output_format},
         "evaluation": {"datasets": datasets, "minRetention": min_retention, "batchSize": 3},
@@ -64,41 +64,41 @@ def run(store, spec, merged_dir, logs=None):
 
 def test_merged_equal_to_one_source_keeps_that_skill_fully(tiny_store, tmp_path):
     merged = tmp_path / "merged"
-    shutil.copytree(tiny_store / "adapters" / "colours", merged)
+    shutil.copytree(tiny_store / "adapters" / "code", merged)
     result = run(tiny_store, spec_for(), merged)
 
-    colours, numbers = result["datasets"]["colours"], result["datasets"]["numbers"]
-    assert colours["adapter"] == "colours" and colours["examples"] == len(COLOURS)
-    assert colours["baseLoss"] == pytest.approx(losses_by_hand(tiny_store, None, COLOURS), rel=1e-5)
-    assert colours["sourceLoss"] == pytest.approx(losses_by_hand(tiny_store, "colours", COLOURS), rel=1e-5)
-    assert colours["mergedLoss"] == pytest.approx(colours["sourceLoss"], rel=1e-6)
-    assert colours["retention"] == pytest.approx(1.0, abs=1e-5)
-    # On numbers the "merge" is the colours adapter: its loss is that adapter's, not the numbers one's.
-    assert numbers["sourceLoss"] == pytest.approx(losses_by_hand(tiny_store, "numbers", NUMBERS), rel=1e-5)
-    assert numbers["mergedLoss"] == pytest.approx(losses_by_hand(tiny_store, "colours", NUMBERS), rel=1e-5)
-    expected = (numbers["baseLoss"] - numbers["mergedLoss"]) / (numbers["baseLoss"] - numbers["sourceLoss"])
-    assert numbers["retention"] == pytest.approx(expected)
+    code, sql = result["datasets"]["code"], result["datasets"]["sql"]
+    assert code["adapter"] == "code" and code["examples"] == len(CODE)
+    assert code["baseLoss"] == pytest.approx(losses_by_hand(tiny_store, None, CODE), rel=1e-5)
+    assert code["sourceLoss"] == pytest.approx(losses_by_hand(tiny_store, "code", CODE), rel=1e-5)
+    assert code["mergedLoss"] == pytest.approx(code["sourceLoss"], rel=1e-6)
+    assert code["retention"] == pytest.approx(1.0, abs=1e-5)
+    # On sql the "merge" is the code adapter: its loss is that adapter's, not the sql one's.
+    assert sql["sourceLoss"] == pytest.approx(losses_by_hand(tiny_store, "sql", SQL), rel=1e-5)
+    assert sql["mergedLoss"] == pytest.approx(losses_by_hand(tiny_store, "code", SQL), rel=1e-5)
+    expected = (sql["baseLoss"] - sql["mergedLoss"]) / (sql["baseLoss"] - sql["sourceLoss"])
+    assert sql["retention"] == pytest.approx(expected)
     assert result["quantization"] == "none" and result["passed"] is True and result["minRetention"] is None
-    assert colours["exactMatch"] is None
+    assert code["exactMatch"] is None
     json.dumps(result)  # goes into the manifest as is
 
 
 def test_retention_below_min_fails_and_says_where(tiny_store, tmp_path):
     merged = tmp_path / "merged"
-    shutil.copytree(tiny_store / "adapters" / "colours", merged)
+    shutil.copytree(tiny_store / "adapters" / "code", merged)
     result = run(tiny_store, spec_for(min_retention=0.9), merged)
-    numbers_retention = result["datasets"]["numbers"]["retention"]
-    assert numbers_retention is not None and numbers_retention < 0.9  # colours' adapter knows no numbers
+    sql_retention = result["datasets"]["sql"]["retention"]
+    assert sql_retention is not None and sql_retention < 0.9  # code' adapter knows no sql
     assert result["passed"] is False and result["minRetention"] == 0.9
-    assert "numbers" in result["note"] and "colours" not in result["note"]
+    assert "sql" in result["note"] and "code" not in result["note"]
 
 
 def test_max_examples_and_exact_match(tiny_store, tmp_path):
     merged = tmp_path / "merged"
-    shutil.copytree(tiny_store / "adapters" / "colours", merged)
+    shutil.copytree(tiny_store / "adapters" / "code", merged)
     result = run(tiny_store, spec_for(exact=True, max_examples=2), merged)
-    assert result["datasets"]["numbers"]["examples"] == 2
-    exact = result["datasets"]["colours"]["exactMatch"]
+    assert result["datasets"]["sql"]["examples"] == 2
+    exact = result["datasets"]["code"]["exactMatch"]
     # The adapter memorised its four answers; the random base knows none of them.
     assert exact == {"base": 0.0, "source": 1.0, "merged": 1.0}
 
@@ -108,32 +108,32 @@ def test_merged_model_output_is_loaded_and_scored(tiny_store, tmp_path):
 
     merged = tmp_path / "merged-model"
     base = load_causal_lm(tiny_store / "models" / "tiny", "none", CPU).model
-    PeftModel.from_pretrained(base, tiny_store / "adapters" / "numbers").merge_and_unload().save_pretrained(merged)
+    PeftModel.from_pretrained(base, tiny_store / "adapters" / "sql").merge_and_unload().save_pretrained(merged)
     load_tokenizer(tiny_store / "models" / "tiny").save_pretrained(merged)
     result = run(tiny_store, spec_for(output_format="merged-model"), merged)
-    numbers = result["datasets"]["numbers"]
-    assert numbers["mergedLoss"] == pytest.approx(numbers["sourceLoss"], rel=1e-4)
-    assert numbers["retention"] == pytest.approx(1.0, abs=1e-3)
+    sql = result["datasets"]["sql"]
+    assert sql["mergedLoss"] == pytest.approx(sql["sourceLoss"], rel=1e-4)
+    assert sql["retention"] == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
 def test_nf4_without_cuda_says_so_once_and_evaluates_unquantized(tiny_store, tmp_path):
     merged = tmp_path / "merged"
-    shutil.copytree(tiny_store / "adapters" / "colours", merged)
+    shutil.copytree(tiny_store / "adapters" / "code", merged)
     logs: list[str] = []
     result = run(tiny_store, spec_for(quantization="nf4"), merged, logs)
     assert result["quantization"] == "none"
     assert "nf4 needs CUDA" in result["note"]
     assert sum("needs CUDA" in line for line in logs) == 1
     unquantized = run(tiny_store, spec_for(), merged)
-    assert result["datasets"]["colours"]["baseLoss"] == pytest.approx(unquantized["datasets"]["colours"]["baseLoss"])
+    assert result["datasets"]["code"]["baseLoss"] == pytest.approx(unquantized["datasets"]["code"]["baseLoss"])
 
 
 def test_bad_jsonl_names_the_dataset_field_and_line(tiny_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(tiny_store, store)
-    (store / "eval" / "numbers.jsonl").write_text('{"prompt": "Q: one", "completion": "sun"}\n{"prompt": 3}\n')
+    (store / "eval" / "sql.jsonl").write_text('{"prompt": "question", "completion": "select"}\n{"prompt": 3}\n')
     with pytest.raises(SpecError) as error:
-        run(store, spec_for(), store / "adapters" / "colours")
+        run(store, spec_for(), store / "adapters" / "code")
     assert error.value.field == "spec.evaluation.datasets[1].path"
     assert "line 2" in error.value.message
