@@ -78,3 +78,13 @@ def test_operator_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_fixed_namespaces_need_no_namespace_discovery():
+    from adaptermerge_operator.cli import serves_fixed_namespaces
+
+    assert serves_fixed_namespaces(["team-a", "team-b"], clusterwide=False)
+    assert not serves_fixed_namespaces([], clusterwide=True)
+    assert not serves_fixed_namespaces([], clusterwide=False)  # kopf's default: every namespace
+    for pattern in ("team-*", "!kube-system", "a,b", "team-?"):
+        assert not serves_fixed_namespaces(["team-a", pattern], clusterwide=False), pattern
