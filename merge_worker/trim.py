@@ -33,12 +33,16 @@ def kth_largest_magnitude(x: torch.Tensor, k: int, *, sort_at_most: int = _SORT_
     """The k-th largest |x| as a 0-d tensor, exactly (+inf for k <= 0: nothing reaches it).
 
     Radix passes run while more than `sort_at_most` candidates remain; then a sort finishes."""
+    return _kth_largest_nonnegative(x.abs(), k, sort_at_most)
+
+
+def _kth_largest_nonnegative(magnitudes: torch.Tensor, k: int, sort_at_most: int) -> torch.Tensor:
     if k <= 0:
-        return torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    if k >= x.numel():
-        return x.abs().min()
-    bits = x.reshape(-1).abs().view(_BITS_DTYPE[x.dtype])
-    # The sign bit of |x| is 0, so the magnitude lives in the remaining bits.
+        return torch.tensor(float("inf"), dtype=magnitudes.dtype, device=magnitudes.device)
+    if k >= magnitudes.numel():
+        return magnitudes.min()
+    bits = magnitudes.reshape(-1).view(_BITS_DTYPE[magnitudes.dtype])
+    # The sign bit of a magnitude is 0, so the value lives in the remaining bits.
     shift = bits.element_size() * 8 - 1
     remaining = k  # the k-th largest overall is the `remaining`-th largest among the candidates
     while bits.numel() > sort_at_most and shift > 0:
@@ -51,7 +55,24 @@ def kth_largest_magnitude(x: torch.Tensor, k: int, *, sort_at_most: int = _SORT_
         chosen = (1 << width) - 1 - j
         remaining -= int(at_or_above[j] - counts[chosen])
         bits = bits[digit == chosen]
-    return torch.sort(bits, descending=True).values[remaining - 1].view(x.dtype)
+    return torch.sort(bits, descending=True).values[remaining - 1].view(magnitudes.dtype)
+
+
+def magnitude_thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
+    """trim's threshold for each task vector taus[i, m] of (adapters, modules, ...): an (adapters, modules)
+    tensor on taus' device; entries with |tau| >= threshold survive (0 keeps all: density 1)."""
+    if density >= 1:
+        return torch.zeros(taus.shape[:2], dtype=taus.dtype, device=taus.device)
+    k = keep_count(taus[0, 0].numel(), density)
+    return torch.stack([
+        torch.stack([_kth_largest_nonnegative(tau.abs(), k, _SORT_AT_MOST) for tau in per_adapter])
+        for per_adapter in taus
+    ])
+
+
+def zero_below_(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """Zeroes, in place, the entries of x with |x| < threshold."""
+    return x.masked_fill_(x.abs() < threshold, 0)
 
 
 def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -60,5 +81,4 @@ def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
     Entries equal to the threshold are all kept (MERGING.md allows a few more at ties)."""
     if density >= 1:
         return x
-    threshold = kth_largest_magnitude(x, keep_count(x.numel(), density))
-    return x.masked_fill_(x.abs() < threshold, 0)
+    return zero_below_(x, kth_largest_magnitude(x, keep_count(x.numel(), density)))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from merge_worker.methods.base import MergeMethod, weighted_sum
+from merge_worker.methods.base import MergeMethod
+from merge_worker.methods.sparse_merge import merge_kept
 
 
 def dare_generator_seed(seed: int, key: str, index: int) -> int:
@@ -33,7 +35,7 @@ def drop_and_rescale_(
         for key, tau in zip(keys, per_adapter):
             generator = torch.Generator(device=tau.device)
             generator.manual_seed(dare_generator_seed(seed, key, index))
-            kept = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+            kept = torch.rand(tau.shape, generator=generator, dtype=torch.float32, device=tau.device) < density
             tau.masked_fill_(kept.logical_not_(), 0).div_(density)
     return taus
 
@@ -41,11 +43,10 @@ def drop_and_rescale_(
 class DareLinear(MergeMethod):
     name = "dare_linear"
     needs_density = True
+    elects_sign: ClassVar[bool] = False  # dare_ties: sign election and disjoint mean instead of a sum
 
     def combine(self, taus: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         p = self.params
-        return self.merge_sparse(drop_and_rescale_(taus, p.density, p.seed, keys))
-
-    def merge_sparse(self, taus: torch.Tensor) -> torch.Tensor:
-        """Combines the dropped-and-rescaled task vectors (dare_ties overrides this)."""
-        return weighted_sum(taus, self.params.weights, self.params.lambda_)
+        drop_and_rescale_(taus, p.density, p.seed, keys)
+        keep_all = torch.zeros(taus.shape[:2], dtype=taus.dtype, device=taus.device)
+        return merge_kept(taus, keep_all, p.weights, p.lambda_, ties=self.elects_sign)
