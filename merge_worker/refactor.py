@@ -136,11 +136,34 @@ def _sketch_core(
     # One fixed probe for every module: the output bytes depend neither on chance nor on batching.
     generator = torch.Generator(device=deltas.device).manual_seed(0)
     probe = torch.randn(deltas.shape[2], width, generator=generator, dtype=deltas.dtype, device=deltas.device)
-    left = torch.linalg.qr(deltas @ probe).Q
-    for _ in range(power_iterations):
-        left = torch.linalg.qr(deltas @ torch.linalg.qr(deltas.mT @ left).Q).Q
-    right, r = torch.linalg.qr(deltas.mT @ left)  # left^T @ deltas = r^T right^T
-    return left, r.mT, right
+    for orthonormalize in (_cholesky_qr, _householder_q):
+        left = orthonormalize(deltas @ probe)
+        for _ in range(power_iterations):
+            left = orthonormalize(deltas @ orthonormalize(deltas.mT @ left))
+        projected = deltas.mT @ left  # = deltas^T left, so left^T deltas = projected^T
+        right = orthonormalize(projected)
+        if orthonormalize is _householder_q or _orthonormal(left) and _orthonormal(right):
+            return left, projected.mT @ right, right  # left^T deltas = core @ right^T
+    raise AssertionError("unreachable")
+
+
+def _householder_q(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def _cholesky_qr(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning y's, by Cholesky QR applied twice: two small Gram matrices instead of
+    a Householder QR of a tall matrix, which is far slower on a GPU. Loses orthogonality (NaNs included)
+    when y is near rank-deficient; the caller checks and falls back to Householder."""
+    for _ in range(2):
+        chol = torch.linalg.cholesky_ex(y.mT @ y).L
+        y = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)  # y @ inv(L^T)
+    return y
+
+
+def _orthonormal(q: torch.Tensor) -> bool:
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return bool(((q.mT @ q - eye).abs().amax() < 1e-3).all())  # False for NaN as well
 
 
 def _measured_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, norm: float) -> float:

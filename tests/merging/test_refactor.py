@@ -132,3 +132,31 @@ def test_reference_trim_agrees_with_dense_magnitude_prune_of_one_adapter():
     tau = torch.randn(9, 11, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     got = merge_dense([tau], MergeParams(method="magnitude_prune", weights=(1.0,), density=0.3), key="x")
     assert torch.equal(got, reference.trim(tau, 0.3))
+
+
+def test_randomized_path_on_a_rank_deficient_delta_is_exact():
+    # Rank 3 < sketch width: the Cholesky QR fast path breaks down and the Householder fallback must
+    # take over; the stored factors then reproduce the delta.
+    g = torch.Generator().manual_seed(6)
+    delta = torch.randn(90, 3, generator=g) @ torch.randn(3, 70, generator=g)
+    [module] = refactor.factor_dense(delta[None], 8, 0.99, exact=False)
+    assert measured_error(delta, module) < 1e-5
+    assert module.relative_error < 1e-5
+
+
+def test_cholesky_qr_gives_orthonormal_columns_of_the_same_span():
+    y = torch.randn(3, 500, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    q = refactor._cholesky_qr(y)
+    assert torch.allclose(q.mT @ q, torch.eye(12, dtype=torch.float64).expand(3, 12, 12), atol=1e-12)
+    assert torch.allclose(q @ (q.mT @ y), y, atol=1e-10)  # y lies in the span of q
+
+
+def test_a_zero_delta_in_a_batch_takes_the_householder_fallback_without_harm(monkeypatch):
+    fallbacks = []
+    householder = refactor._householder_q
+    monkeypatch.setattr(refactor, "_householder_q", lambda y: fallbacks.append(1) or householder(y))
+    deltas = torch.stack([decaying_spectrum(80, 60, seed=7), torch.zeros(80, 60)])
+    first, zero = refactor.factor_dense(deltas, 5, 0.99, exact=False)
+    assert fallbacks  # Cholesky QR of the zero module's sketch fails: the batch is redone
+    assert measured_error(deltas[0], first) <= 1.02 * optimal_error(deltas[0], 5)
+    assert zero.relative_error == 0 and not zero.b.any()
