@@ -82,8 +82,12 @@ def magnitude_thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
     if triton is not None and rows.is_cuda and rows.dtype == torch.float32:
         thresholds = bracketed_kth_largest(rows, k)
     else:
-        thresholds = torch.stack([_kth_largest_nonnegative(row.abs(), k, _SORT_AT_MOST) for row in rows])
+        thresholds = _radix_rows(rows, k)
     return thresholds.view(taus.shape[:2])
+
+
+def _radix_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.stack([_kth_largest_nonnegative(row.abs(), k, _SORT_AT_MOST) for row in rows])
 
 
 SAMPLE = 1 << 16
@@ -101,7 +105,7 @@ def bracketed_kth_largest(
     count_kernel, gather_kernel = kernels or (_count_kernel, _gather_kernel)
     n_rows, n = rows.shape
     if k <= 0 or k >= n:
-        return torch.stack([_kth_largest_nonnegative(row.abs(), k, _SORT_AT_MOST) for row in rows])
+        return _radix_rows(rows, k)
     rows = rows.contiguous()
     lo, hi = _bracket(rows, k, sample, margin_sigmas)
     grid = (triton.cdiv(n, BLOCK), n_rows)
