@@ -61,7 +61,9 @@ def load_causal_lm(
     path: Path, quantization: str, device: torch.device, log: Callable[[str], None] = lambda _: None
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # the worker logs its own progress lines
     note = quantization_unavailable(quantization, device)
     if note:
         log(note)

@@ -14,9 +14,14 @@ if [ -n "${1:-}" ] && [ -e "$out" ]; then
 fi
 mkdir -p "$out"
 
-echo "demo: installing (cached after the first run) ..." >&2
-venv=$("$repo/scripts/bootstrap.sh" | tail -n 1)
-export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+echo "demo: installing (cached after the first run; a fresh machine takes minutes) ..." >&2
+if ! venv=$("$repo/scripts/bootstrap.sh" 2>"$out/install.log" | tail -n 1); then
+  cat "$out/install.log" >&2
+  echo "demo: installing failed (log above, also in $out/install.log)" >&2
+  exit 1
+fi
+# PYTHONPATH: run this checkout's code even if the shared cached venv was installed from another one.
+export PATH="$venv/bin:$PATH" PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "demo: preparing SmolLM2-135M-Instruct ..." >&2
 model=$("$venv/bin/python" "$repo/scripts/prepare-smollm2.py" | tail -n 1)
 "$repo/examples/demo/make-store.sh" "$out/store" "$model"

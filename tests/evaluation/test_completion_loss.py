@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from evaluation.tiny_lm import CODE, EOS, SQL, token_ids
+from evaluation.tiny_lm import CODE, EOS, SQL, VOCAB, token_ids
 
-from merge_worker.evaluation import Scorer, encode
+from merge_worker.evaluation import Scorer, encode, exact_match_rate, still_possible
 from merge_worker.model_loading import load_causal_lm, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -67,3 +67,50 @@ def test_adapter_switching_scores_each_adapter_and_the_bare_base(tiny_store, bas
     assert scorer.loss(examples) == pytest.approx(hand_loss(fresh_base, CODE), rel=1e-5)
     assert scorer.loss(examples, "a") == pytest.approx(hand_loss(alone, CODE), rel=1e-5)
     assert scorer.loss(examples, "a") < scorer.loss(examples)  # the trained adapter learned its skill
+
+
+def greedy_by_hand(model, prompt: str, max_new_tokens: int) -> str:
+    """Plain greedy decoding, one unpadded example, no cache, no stopping rule but eos."""
+    ids = token_ids(prompt)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if next_id == EOS:
+                break
+            new.append(next_id)
+    return " ".join(VOCAB[i] for i in new)
+
+
+@pytest.mark.parametrize("adapter", [None, "code", "sql"])
+def test_exact_match_equals_plain_greedy_decoding(tiny_store, adapter):
+    from peft import PeftModel
+
+    path = tiny_store / "models" / "tiny"
+    model, tokenizer = load_causal_lm(path, "none", CPU).model, load_tokenizer(path)
+    if adapter:
+        model = PeftModel.from_pretrained(model, tiny_store / "adapters" / adapter)
+    pairs = CODE + SQL  # each adapter knows half of them
+    hits = sum(greedy_by_hand(model, p, 8).strip() == c for p, c in pairs)
+    rate = exact_match_rate(model, tokenizer, [encode(tokenizer, p, c) for p, c in pairs], batch_size=3,
+                            max_new_tokens=8, device=CPU)
+    assert rate == hits / len(pairs)
+    if adapter:
+        assert 0 < hits < len(pairs)  # the comparison above saw both matches and misses
+
+
+@pytest.mark.parametrize(
+    ("generated", "expected", "possible"),
+    [
+        ("", "select id", True),
+        (" sel", "select id", True),
+        ("select id", "select id", True),
+        ("select id  ", " select id", True),  # surrounding space is ignored
+        ("select idx", "select id", False),
+        ("select id x", "select id", False),
+        ("from", "select id", False),
+        ("caf\ufffd", "café", True),  # half a character: wait for the next token
+    ],
+)
+def test_generation_stops_only_once_a_match_is_impossible(generated, expected, possible):
+    assert still_possible(generated, expected) is possible
