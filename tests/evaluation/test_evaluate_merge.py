@@ -137,3 +137,27 @@ def test_bad_jsonl_names_the_dataset_field_and_line(tiny_store, tmp_path):
         run(store, spec_for(), store / "adapters" / "code")
     assert error.value.field == "spec.evaluation.datasets[1].path"
     assert "line 2" in error.value.message
+
+
+@pytest.mark.parametrize(("min_retention", "exit_code", "reason"),
+                         [(None, 0, "MergeSucceeded"), (1.5, 3, "RetentionBelowThreshold")])
+def test_real_cli_reports_retention_and_exits_3_below_min(tiny_store, tmp_path, min_retention, exit_code, reason):
+    import yaml
+
+    from merge_worker.cli import main as adaptermerge
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    spec = spec_for(min_retention=min_retention).model_dump(by_alias=True, exclude_none=True)
+    spec_file, result_file = tmp_path / "merge.yaml", tmp_path / "result.json"
+    spec_file.write_text(yaml.safe_dump({"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge",
+                                         "metadata": {"name": "tiny"}, "spec": spec}))
+    code = adaptermerge(["run", str(spec_file), "--volume", f"store={store}", "--device", "cpu",
+                         "--result-file", str(result_file)])
+    result = json.loads(result_file.read_text())
+    assert (code, result["reason"]) == (exit_code, reason)
+    manifest = json.loads((store / "out" / "merge-manifest.json").read_text())
+    assert manifest["evaluation"]["passed"] is (exit_code == 0)  # the output is written either way
+    assert result["retention"] == pytest.approx({n: d["retention"] for n, d in manifest["evaluation"]["datasets"].items()},
+                                                abs=1e-5)
+    assert all(0 < r < 1.5 for r in result["retention"].values())  # linear keeps part of both skills
