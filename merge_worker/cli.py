@@ -84,7 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_operator(argv[1:])
     args = _parser().parse_args(argv)
+    _quiet_optional_kernel_warnings()
     return args.handler(args)
+
+
+def _quiet_optional_kernel_warnings() -> None:
+    """bitsandbytes (imported with peft) warns on every CPU run that an optional hub-downloaded kernel
+    is missing; we never use its CPU 4-bit path (quantized evaluation is CUDA only), so the line is noise."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _error(message: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once per machine) a virtualenv holding every pinned dependency, keyed by their hash, outside
-# the repo so fresh clones and CI reuse it; then installs this checkout into it (cheap, no deps).
-# Prints the venv's path on the last line of stdout. Usage: scripts/bootstrap.sh [extras, default all]
+# the repo so fresh clones and CI reuse it; then gives this checkout its own venv layered on it.
+# Prints the checkout's venv (.venv) on the last line of stdout. Usage: scripts/bootstrap.sh [extras]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 extras=${1:-worker,operator,dev}
@@ -35,6 +35,17 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q --no-deps ${reqs[1]} >&2
   touch "$venv/.complete"
 fi
-# The project itself goes in on every call, so each checkout (a fresh CI clone too) runs its own code.
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" >&2
-echo "$venv"
+# The checkout gets its own small venv (.venv) layered on the shared one through a .pth file, and the
+# project is installed there in editable mode: two checkouts on one machine (a CI clone beside a working
+# copy) never run each other's code. Cheap: no dependency is copied.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# An editable install of some checkout inside the shared venv would shadow every other checkout.
+if compgen -G "$site/__editable__*adaptermerge*" >/dev/null; then "$venv/bin/pip" uninstall -q -y adaptermerge >&2; fi
+local_venv=$repo/.venv
+if [ ! -x "$local_venv/bin/python" ]; then
+  "$venv/bin/python" -m venv --without-pip "$local_venv" >&2
+fi
+local_site=$("$local_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import site; site.addsitedir('$site')" > "$local_site/adaptermerge-shared-venv.pth"
+"$venv/bin/pip" --python "$local_venv/bin/python" install -q --no-deps --no-build-isolation -e "$repo" >&2
+echo "$local_venv"
