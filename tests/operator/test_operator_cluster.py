@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.control_plane import wait_until as control_plane_wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -179,14 +180,11 @@ def jobs(control_plane, namespace: str) -> list[dict]:
 
 
 def wait_until(check, what: str, operator: Operator, control_plane, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{operator.log()}\n{control_plane.logs()}")
-        time.sleep(0.5)
+    """support.control_plane.wait_until, failing with the operator's and the control plane's logs."""
+    try:
+        return control_plane_wait_until(check, timeout, what, interval=0.5)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{operator.log()}\n{control_plane.logs()}")
 
 
 def phase_is(control_plane, namespace, name, phase, generation=1):
