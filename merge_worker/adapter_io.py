@@ -14,7 +14,6 @@ a suffix of it starting at a '.'.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -372,11 +371,3 @@ def iter_module_factors(
         yield module.name, [
             a.factors(module.name) if present else None for a, present in zip(adapters, module.present)
         ]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

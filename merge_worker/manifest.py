@@ -5,6 +5,7 @@ reconstruction error, timings, evaluation). Enough to tell later exactly how an 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from datetime import datetime, timezone
@@ -12,7 +13,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from merge_worker.adapter_io import sha256_file
 from merge_worker.progress import ModuleRecord
 
 MANIFEST_FILE = "merge-manifest.json"
@@ -31,6 +31,14 @@ def library_versions() -> dict[str, str | None]:
     versions["torch"] = torch.__version__  # with its build tag (e.g. +cu130), unlike the dist version
     versions["cuda"] = torch.version.cuda
     return versions
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def describe_input(role: str, claim: str, path: str, folder: Path, files: list[Path], **extra: Any) -> dict:
