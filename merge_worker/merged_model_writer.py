@@ -58,12 +58,13 @@ def write_merged_model(
     shards = _ShardedWriter(folder, max_shard_bytes)
     try:
         for name in base.names():
-            tensor = base.get(name)
             if name in by_weight:
                 module = by_weight[name]
-                tensor = apply_delta(tensor, delta_for(module), modules[module], fan_in_fan_out)
+                tensor = apply_delta(base.get(name), delta_for(module), modules[module], fan_in_fan_out)
             elif name in saved:
-                tensor = saved[name]()
+                tensor = saved[name]()  # it reads the base tensor itself; loading it here too is waste
+            else:
+                tensor = base.get(name)
             shards.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         written = shards.close()
     except BaseException:
