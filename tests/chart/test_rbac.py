@@ -132,23 +132,21 @@ def checks_of(table: dict) -> list[tuple[str, str, str, str]]:
     return [(v, g, r, s) for (g, r, s), verbs in table.items() for v in sorted(verbs)]
 
 
-def denied(control_plane, kubeconfig, checks, namespace) -> list:
-    return [c for c, ok in zip(checks, access_reviews(control_plane, kubeconfig, checks, namespace)) if ok]
-
-
-def allowed_none_missing(control_plane, kubeconfig, checks, namespace) -> list:
-    return [c for c, ok in zip(checks, access_reviews(control_plane, kubeconfig, checks, namespace)) if not ok]
+def wrongly_answered(control_plane, kubeconfig, checks, namespace, *, allowed: bool) -> list:
+    """The checks whose answer is not `allowed`: [] when the identity may do exactly what is expected."""
+    return [c for c, ok in zip(checks, access_reviews(control_plane, kubeconfig, checks, namespace)) if ok != allowed]
 
 
 @pytest.mark.cluster
 def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(control_plane, namespace):
     kubeconfig = operator_kubeconfig(control_plane, namespace)
-    assert allowed_none_missing(control_plane, kubeconfig, checks_of(NAMESPACED), namespace) == []
-    assert allowed_none_missing(control_plane, kubeconfig, checks_of(NAMESPACED), "any-other-namespace") == []
+    assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), namespace, allowed=True) == []
+    assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), "any-other-namespace", allowed=True) == []
     cluster = checks_of({**CRD_READ, **CLUSTER_WIDE_ONLY})
-    assert allowed_none_missing(control_plane, kubeconfig, cluster, None) == []
-    assert denied(control_plane, kubeconfig, FORBIDDEN, namespace) == []
-    assert denied(control_plane, kubeconfig, FORBIDDEN[:3], None) == []  # no Secrets cluster-wide either
+    assert wrongly_answered(control_plane, kubeconfig, cluster, None, allowed=True) == []
+    assert wrongly_answered(control_plane, kubeconfig, FORBIDDEN, namespace, allowed=False) == []
+    no_secrets_anywhere = FORBIDDEN[:3]
+    assert wrongly_answered(control_plane, kubeconfig, no_secrets_anywhere, None, allowed=False) == []
     # The plain kubectl answer a person would ask for, too.
     answer = control_plane.kubectl("auth", "can-i", "get", "secrets", "-n", namespace, kubeconfig=kubeconfig, check=False)
     assert answer.stdout.strip() == "no"
@@ -157,12 +155,12 @@ def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(contr
 @pytest.mark.cluster
 def test_namespaced_identity_is_limited_to_watched_namespaces(control_plane, namespace, extra_namespace):
     kubeconfig = operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [extra_namespace]})
-    assert allowed_none_missing(control_plane, kubeconfig, checks_of(NAMESPACED), extra_namespace) == []
-    assert allowed_none_missing(control_plane, kubeconfig, checks_of(CRD_READ), None) == []
+    assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), extra_namespace, allowed=True) == []
+    assert wrongly_answered(control_plane, kubeconfig, checks_of(CRD_READ), None, allowed=True) == []
     # Its own release namespace is not watched: nothing there, and nothing cluster-wide but CRD reads.
-    assert denied(control_plane, kubeconfig, checks_of(NAMESPACED), namespace) == []
-    assert denied(control_plane, kubeconfig, checks_of(CLUSTER_WIDE_ONLY), None) == []
-    assert denied(control_plane, kubeconfig, FORBIDDEN, extra_namespace) == []
+    assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), namespace, allowed=False) == []
+    assert wrongly_answered(control_plane, kubeconfig, checks_of(CLUSTER_WIDE_ONLY), None, allowed=False) == []
+    assert wrongly_answered(control_plane, kubeconfig, FORBIDDEN, extra_namespace, allowed=False) == []
 
 
 @pytest.mark.cluster
@@ -172,4 +170,4 @@ def test_worker_identity_can_do_nothing(control_plane, namespace):
     token = control_plane.kubectl("create", "token", worker, "-n", namespace).stdout.strip()
     kubeconfig = control_plane.kubeconfig_for_token(token)
     everything = checks_of({**NAMESPACED, **CRD_READ, **CLUSTER_WIDE_ONLY}) + FORBIDDEN
-    assert denied(control_plane, kubeconfig, everything, namespace) == []
+    assert wrongly_answered(control_plane, kubeconfig, everything, namespace, allowed=False) == []
