@@ -13,7 +13,6 @@ and switched, never reloaded.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from merge_worker.spec import AdapterMergeSpec, SpecError
+from merge_worker.eval_datasets import read_jsonl
+from merge_worker.spec import AdapterMergeSpec
 
 IGNORE = -100  # label of positions that are not scored (prompt, padding), as transformers uses it
 
@@ -35,30 +35,6 @@ class Example:
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]  # the completion's tokens, then eos when the tokenizer has one
     completion: str
-
-
-def read_jsonl(path: Path, field: str, max_examples: int | None = None) -> list[dict[str, str]]:
-    """The first `max_examples` {"prompt", "completion"} rows; a bad line is a SpecError naming it."""
-    rows: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if max_examples is not None and len(rows) >= max_examples:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SpecError(field, f"{path.name} line {number}: not JSON ({exc.msg})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                    and isinstance(row.get("completion"), str) and row["completion"]):
-                raise SpecError(
-                    field, f"{path.name} line {number}: expected {{\"prompt\": str, \"completion\": non-empty str}}"
-                )
-            rows.append({"prompt": row["prompt"], "completion": row["completion"]})
-    if not rows:
-        raise SpecError(field, f"{path.name} holds no examples")
-    return rows
 
 
 def encode(tokenizer: Any, prompt: str, completion: str) -> Example:

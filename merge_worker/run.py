@@ -2,9 +2,10 @@
 atomically, evaluate it, and report.
 
 Order matters: everything that can be checked (spec, paths, adapter files, shapes, NaN/Inf, the base
-model, the output's existence) is checked before anything is written, so bad input (exit 2) leaves no
-trace. The output is built in a temporary folder beside its target (`.<name>.tmp-<random>`), which is
-removed on any failure and renamed into place only when complete (evaluated, manifest written).
+model, evaluation datasets, the output's existence) is checked before anything is written, so bad input
+(exit 2) leaves no trace. The output is built in a temporary folder beside its target
+(`.<name>.tmp-<random>`), which is removed on any failure and renamed into place only when complete
+(evaluated, manifest written).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from merge_worker.adapter_io import (
 )
 from merge_worker.adapter_writer import AdapterWriter
 from merge_worker.base_weights import BaseWeights, BaseWeightsError
+from merge_worker.eval_datasets import read_jsonl
 from merge_worker.factors import LoraFactors, MergeParams
 from merge_worker.manifest import build_manifest, describe_input, write_manifest
 from merge_worker.merged_model_writer import weight_name, write_merged_model
@@ -93,6 +95,8 @@ def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
     }
     base = _open_base(spec, base_path, roots) if base_path else None
     _check_against_base(spec, adapters, plan, saved, base)
+    for i, (ref, path) in enumerate(zip(spec.evaluation.datasets if spec.evaluation else [], dataset_paths)):
+        read_jsonl(path, f"spec.evaluation.datasets[{i}].path", ref.max_examples)  # evaluation reads it again
     _check_output(spec, output_path, adapter_paths + ([base_path] if base_path else []))
     return Inputs(spec, volumes, adapters, adapter_paths, plan, saved, base, base_path, dataset_paths,
                   output_path)

@@ -159,3 +159,13 @@ def test_validate_reports_bad_input_without_writing(store, adaptermerge):
     good = adaptermerge("validate", _spec(), store)
     assert good.code == 0 and "valid" in good.out
     assert not (store / "merged").exists()
+
+
+def test_bad_evaluation_dataset_line_is_found_before_merging(store, adaptermerge):
+    (store / "eval").mkdir()
+    (store / "eval" / "python.jsonl").write_text('{"prompt": "x", "completion": "y"}\n{"prompt": 3}\n')
+    spec = _spec(baseModel={"path": "models/tiny", "quantization": "none"},
+                 evaluation={"datasets": [{"name": "python", "path": "eval/python.jsonl", "adapter": "a"}]})
+    checked = adaptermerge("validate", spec, store)
+    assert checked.code == 2 and "spec.evaluation.datasets[0].path" in checked.err and "line 2" in checked.err
+    _assert_invalid(adaptermerge("run", spec, store), store, "spec.evaluation.datasets[0].path", "line 2")
