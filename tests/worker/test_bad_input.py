@@ -161,11 +161,15 @@ def test_validate_reports_bad_input_without_writing(store, adaptermerge):
     assert not (store / "merged").exists()
 
 
-def test_bad_evaluation_dataset_line_is_found_before_merging(store, adaptermerge):
+@pytest.mark.parametrize(("content", "problem"), [
+    (b'{"prompt": "x", "completion": "y"}\n{"prompt": 3}\n', "line 2"),
+    (b'{"prompt": "x", "completion": "\xff"}\n', "not UTF-8"),
+])
+def test_bad_evaluation_dataset_is_found_before_merging(store, adaptermerge, content, problem):
     (store / "eval").mkdir()
-    (store / "eval" / "python.jsonl").write_text('{"prompt": "x", "completion": "y"}\n{"prompt": 3}\n')
+    (store / "eval" / "python.jsonl").write_bytes(content)
     spec = _spec(baseModel={"path": "models/tiny", "quantization": "none"},
                  evaluation={"datasets": [{"name": "python", "path": "eval/python.jsonl", "adapter": "a"}]})
     checked = adaptermerge("validate", spec, store)
-    assert checked.code == 2 and "spec.evaluation.datasets[0].path" in checked.err and "line 2" in checked.err
-    _assert_invalid(adaptermerge("run", spec, store), store, "spec.evaluation.datasets[0].path", "line 2")
+    assert checked.code == 2 and "spec.evaluation.datasets[0].path" in checked.err and problem in checked.err
+    _assert_invalid(adaptermerge("run", spec, store), store, "spec.evaluation.datasets[0].path", problem)
