@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from merge_worker.factors import LoraFactors
+from merge_worker.input_error import InputError
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -42,13 +43,8 @@ _BASE_LAYER_KEY = re.compile(r"^.+\.(?:base_layer|original_module)\.[^.]+$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.[^.]+$)")
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An unusable adapter; the message names the adapter folder (and the tensor, when one is at fault)."""
-
-    def __init__(self, path: Path, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
 
 
 def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import torch
 
+from merge_worker.input_error import InputError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-class BaseWeightsError(ValueError):
-    def __init__(self, path: Path, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
+class BaseWeightsError(InputError):
+    """Unusable base model weights (a missing shard, an unreadable index); names the folder."""
 
 
 class BaseWeights:

@@ -41,7 +41,7 @@ from merge_worker.merged_model_writer import weight_name, write_merged_model
 from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, log, merge_summary
 from merge_worker.result import build_result
 from merge_worker.spec import AdapterMergeSpec, SpecError
-from merge_worker.volumes import Volumes
+from merge_worker.volumes import Volumes, ensure_inside
 
 Log = Callable[[str], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,9 +118,7 @@ def _read_adapters(spec: AdapterMergeSpec, paths: list[Path], roots: dict[str, P
 def _check_files_inside(files: list[Path], root: Path, field_name: str) -> None:
     """A file inside an input folder may be a symlink too: it must not lead out of the volume."""
     for path in files:
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(root):
-            raise SpecError(field_name, f"{path} leads outside its volume (symlink to {real})")
+        ensure_inside(path, root, field_name)
 
 
 def _open_base(spec: AdapterMergeSpec, path: Path, roots: dict[str, Path]) -> BaseWeights:

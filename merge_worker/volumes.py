@@ -60,9 +60,7 @@ class Volumes:
         where = f"{ref.path!r} on volume {claim!r}"
         if expect == "output":
             return self._resolve_output(path, root, field, where)
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(root):
-            raise SpecError(field, f"{where} leads outside its volume (symlink to {real})")
+        real = ensure_inside(path, root, field, where)
         if not path.exists():
             raise SpecError(field, f"{where} does not exist ({path})")
         if expect == "dir" and not real.is_dir():
@@ -89,3 +87,11 @@ class Volumes:
         if path.exists() and not path.is_dir():
             raise SpecError(field, f"{where} exists and is not a folder; it is never replaced")
         return real_parent / path.relative_to(existing)
+
+
+def ensure_inside(path: Path, root: Path, field: str, where: str | None = None) -> Path:
+    """The real path of `path`, which may be or pass through a symlink but must not lead out of root."""
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(root):
+        raise SpecError(field, f"{where or path} leads outside its volume (symlink to {real})")
+    return real
