@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -57,7 +56,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def list_items(plane, kind: str) -> list[dict]:
-    return json.loads(plane.kubectl("get", kind, "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    return plane.get_json(kind, namespace=NAMESPACE)["items"]
 
 
 def job_owners(plane) -> collections.Counter:

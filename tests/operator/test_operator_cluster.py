@@ -172,7 +172,7 @@ def apply(control_plane, namespace: str, document: dict) -> None:
 
 
 def get(control_plane, namespace: str, *what: str) -> dict:
-    return json.loads(control_plane.kubectl("get", "-n", namespace, *what, "-o", "json").stdout)
+    return control_plane.get_json(*what, namespace=namespace)
 
 
 def jobs(control_plane, namespace: str) -> list[dict]:
