@@ -24,6 +24,7 @@ from adaptermerge_operator.slim import slim_job, slim_pod
 
 MERGES = (specs.API_GROUP, specs.API_VERSION, specs.PLURAL)
 OWNED = {names.LABEL_UID: kopf.PRESENT}
+HAS_OWNER = {names.ANNOTATION_OWNER: kopf.PRESENT}
 
 
 @kopf.on.startup()
@@ -54,6 +55,12 @@ def _context(memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index) ->
     return reconcile.Context(api=memo.api, settings=memo.settings, jobs=merge_jobs, pods=merge_pods)
 
 
+def _owner_of(body: kopf.Body) -> tuple[str, str, str]:
+    """(namespace, name, uid) of the AdapterMerge that a Job or pod belongs to."""
+    meta = body.metadata
+    return meta.namespace, meta.annotations[names.ANNOTATION_OWNER], meta.labels[names.LABEL_UID]
+
+
 def _plain(body: kopf.Body) -> dict[str, Any]:
     """A mutable copy of kopf's read-only body view."""
     return copy.deepcopy(dict(body))
@@ -74,26 +81,20 @@ async def reconcile_merge(
         await reconcile.refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"])
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED, annotations=HAS_OWNER)
 async def job_event(
     type: str | None, body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
 ) -> None:
     ctx = _context(memo, merge_jobs, merge_pods)
-    owner = body.metadata.annotations.get(names.ANNOTATION_OWNER)
-    uid = body.metadata.labels[names.LABEL_UID]
-    if not owner:
-        return
+    namespace, owner, uid = _owner_of(body)
     if type == "DELETED":
         # Someone deleted the current generation's Job before its verdict: run it again.
-        merge = await ctx.api.run(ctx.api.get_merge, body.metadata.namespace, owner)
+        merge = await ctx.api.run(ctx.api.get_merge, namespace, owner)
         if merge is not None and merge["metadata"]["uid"] == uid:
             await reconcile.ensure_job(ctx, merge)
-    await reconcile.refresh_status(ctx, body.metadata.namespace, owner, uid)
+    await reconcile.refresh_status(ctx, namespace, owner, uid)
 
 
-@kopf.on.event("", "v1", "pods", labels=OWNED)
+@kopf.on.event("", "v1", "pods", labels=OWNED, annotations=HAS_OWNER)
 async def pod_event(body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any) -> None:
-    owner = body.metadata.annotations.get(names.ANNOTATION_OWNER)
-    if owner:
-        ctx = _context(memo, merge_jobs, merge_pods)
-        await reconcile.refresh_status(ctx, body.metadata.namespace, owner, body.metadata.labels[names.LABEL_UID])
+    await reconcile.refresh_status(_context(memo, merge_jobs, merge_pods), *_owner_of(body))
