@@ -115,11 +115,16 @@ def _waiting(job: Mapping[str, Any], job_pods: list[Mapping[str, Any]]) -> Verdi
     return Verdict("Pending", "JobPending", "waiting for the worker pod to start")
 
 
-def judge(job: Mapping[str, Any] | None, job_pods: list[Mapping[str, Any]], spec: AdapterMergeSpec) -> Verdict:
-    """Phase, reason and message for the current generation's Job."""
+def judge(
+    job: Mapping[str, Any] | None,
+    job_pods: list[Mapping[str, Any]],
+    spec: AdapterMergeSpec,
+    report: dict[str, Any] | None,
+    raw: str,
+) -> Verdict:
+    """Phase, reason and message for the current generation's Job; (report, raw) is worker_report's."""
     if job is None:
         return Verdict("Pending", "JobPending", "creating the merge Job")
-    report, raw = worker_report(job_pods)
     if _true_condition(job, "Complete", "SuccessCriteriaMet"):
         message = (report or {}).get("message") or (
             f"merged {len(spec.adapters)} adapters with {spec.method} into "
@@ -200,13 +205,13 @@ def desired_status(
     job_name = names.job_name(meta["name"], generation)
     job = next((j for j in jobs if j["metadata"]["name"] == job_name), None)
     job_pods = pods_of(job_name, pods)
-    report, _ = worker_report(job_pods)
+    report, raw = worker_report(job_pods)
     late_result = report is not None and job is not None and not previous.get("result")
     if is_finished(previous, generation) and previous.get("jobName") == job_name and not late_result:
         # A verdict is final: the Job's TTL or a deleted pod must not turn it back. Only a worker
         # summary that arrives after it (pod and Job events race) is taken in, by judging again.
         return previous
-    verdict = judge(job, job_pods, spec)
+    verdict = judge(job, job_pods, spec, report, raw)
     status: dict[str, Any] = {
         "phase": verdict.phase,
         "observedGeneration": generation,
@@ -221,6 +226,7 @@ def desired_status(
         finished = _true_condition(job, "Complete", "SuccessCriteriaMet", "FailureTarget", "Failed") or {}
         completion = job_status.get("completionTime") or finished.get("lastTransitionTime") or now
         status["completionTime"] = completion
-        if _result(report):
-            status["result"] = _result(report)
+        result = _result(report)
+        if result:
+            status["result"] = result
     return status
