@@ -15,21 +15,23 @@ import pytest
 from support.chart_identity import operator_kubeconfig, worker_service_account
 
 # Contract 10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
+# kopf: list/watch and patch of the resource and its status, core/v1 event posts, peering; the
+# operator: merges get and status update, Jobs and ConfigMaps create/get/delete, the Job and pod indexes.
 NAMESPACED = {
-    ("adaptermerge.io", "adaptermerges", ""): {"get", "list", "watch", "patch", "update"},
-    ("adaptermerge.io", "adaptermerges", "status"): {"get", "patch", "update"},
+    ("adaptermerge.io", "adaptermerges", ""): {"get", "list", "watch", "patch"},
+    ("adaptermerge.io", "adaptermerges", "status"): {"patch", "update"},
     ("adaptermerge.io", "adaptermerges", "finalizers"): {"update"},
-    ("batch", "jobs", ""): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "pods", ""): {"get", "list", "watch"},
-    ("", "configmaps", ""): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "events", ""): {"create", "patch"},
-    ("events.k8s.io", "events", ""): {"create", "patch"},
+    ("batch", "jobs", ""): {"get", "list", "watch", "create", "delete"},
+    ("", "pods", ""): {"list", "watch"},
+    ("", "configmaps", ""): {"get", "create", "delete"},
+    ("", "events", ""): {"create"},
     ("kopf.dev", "kopfpeerings", ""): {"get", "list", "watch", "patch"},
 }
-CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", ""): {"list", "watch"}}
+# Cluster-wide mode only: kopf scans namespaces and CRDs (fixed namespaces turn scanning off).
 CLUSTER_WIDE_ONLY = {
     ("kopf.dev", "clusterkopfpeerings", ""): {"get", "list", "watch", "patch"},
     ("", "namespaces", ""): {"list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions", ""): {"list", "watch"},
 }
 # Things the operator never does; each must be denied.
 FORBIDDEN = [
@@ -41,6 +43,10 @@ FORBIDDEN = [
     ("delete", "adaptermerge.io", "adaptermerges", ""),
     ("create", "adaptermerge.io", "adaptermerges", ""),
     ("update", "batch", "jobs", ""),
+    ("patch", "batch", "jobs", ""),
+    ("get", "", "pods", ""),
+    ("list", "", "configmaps", ""),
+    ("update", "adaptermerge.io", "adaptermerges", ""),
     ("create", "", "serviceaccounts", ""),
     ("create", "", "serviceaccounts", "token"),
     ("create", "rbac.authorization.k8s.io", "rolebindings", ""),
@@ -72,21 +78,20 @@ def test_cluster_wide_rules_are_exactly_the_contract(render):
     objects = render()
     assert rbac(objects, "Role") == [] and rbac(objects, "RoleBinding") == []
     (cluster_role,) = rbac(objects, "ClusterRole")
-    assert granted(cluster_role["rules"]) == expand({**NAMESPACED, **CRD_READ, **CLUSTER_WIDE_ONLY})
+    assert granted(cluster_role["rules"]) == expand({**NAMESPACED, **CLUSTER_WIDE_ONLY})
     (binding,) = rbac(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
 
 
-def test_namespaced_rules_are_roles_in_watched_namespaces_plus_crd_read(render):
+def test_namespaced_rules_are_roles_in_watched_namespaces_only(render):
     objects = render({"watchNamespaces": ["team-a", "team-b"]}, namespace="ops")
     roles = rbac(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert granted(role["rules"]) == expand(NAMESPACED)
-    (cluster_role,) = rbac(objects, "ClusterRole")
-    assert granted(cluster_role["rules"]) == expand(CRD_READ)
-    bindings = rbac(objects, "RoleBinding") + rbac(objects, "ClusterRoleBinding")
-    assert len(bindings) == 3
+    assert rbac(objects, "ClusterRole") == [] and rbac(objects, "ClusterRoleBinding") == []
+    bindings = rbac(objects, "RoleBinding")
+    assert len(bindings) == 2
     for binding in bindings:
         (subject,) = binding["subjects"]
         assert (subject["kind"], subject["namespace"]) == ("ServiceAccount", "ops")
@@ -142,7 +147,7 @@ def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(contr
     kubeconfig = operator_kubeconfig(control_plane, namespace)
     assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), namespace, allowed=True) == []
     assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), "any-other-namespace", allowed=True) == []
-    cluster = checks_of({**CRD_READ, **CLUSTER_WIDE_ONLY})
+    cluster = checks_of(CLUSTER_WIDE_ONLY)
     assert wrongly_answered(control_plane, kubeconfig, cluster, None, allowed=True) == []
     assert wrongly_answered(control_plane, kubeconfig, FORBIDDEN, namespace, allowed=False) == []
     no_secrets_anywhere = FORBIDDEN[:3]
@@ -156,8 +161,7 @@ def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(contr
 def test_namespaced_identity_is_limited_to_watched_namespaces(control_plane, namespace, extra_namespace):
     kubeconfig = operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [extra_namespace]})
     assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), extra_namespace, allowed=True) == []
-    assert wrongly_answered(control_plane, kubeconfig, checks_of(CRD_READ), None, allowed=True) == []
-    # Its own release namespace is not watched: nothing there, and nothing cluster-wide but CRD reads.
+    # Its own release namespace is not watched: nothing there, and nothing cluster-wide.
     assert wrongly_answered(control_plane, kubeconfig, checks_of(NAMESPACED), namespace, allowed=False) == []
     assert wrongly_answered(control_plane, kubeconfig, checks_of(CLUSTER_WIDE_ONLY), None, allowed=False) == []
     assert wrongly_answered(control_plane, kubeconfig, FORBIDDEN, extra_namespace, allowed=False) == []
@@ -169,5 +173,5 @@ def test_worker_identity_can_do_nothing(control_plane, namespace):
     worker = worker_service_account(namespace)
     token = control_plane.kubectl("create", "token", worker, "-n", namespace).stdout.strip()
     kubeconfig = control_plane.kubeconfig_for_token(token)
-    everything = checks_of({**NAMESPACED, **CRD_READ, **CLUSTER_WIDE_ONLY}) + FORBIDDEN
+    everything = checks_of({**NAMESPACED, **CLUSTER_WIDE_ONLY}) + FORBIDDEN
     assert wrongly_answered(control_plane, kubeconfig, everything, namespace, allowed=False) == []

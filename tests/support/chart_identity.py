@@ -24,7 +24,7 @@ def object_prefix(namespace: str) -> str:
     """The chart's fullnameOverride for a namespace: the ClusterRole and ClusterRoleBinding are
     cluster-wide, so each test namespace gets its own names instead of rebinding another test's."""
     name = f"am-{namespace}"
-    if len(name) > 40:  # leaves room for the longest suffix the chart adds ("-crd-reader")
+    if len(name) > 40:  # leaves room for suffixes the chart adds (e.g. "-worker")
         name = f"am-{namespace[:27]}-{hashlib.sha256(namespace.encode()).hexdigest()[:8]}"
     return name.rstrip("-")
 

@@ -62,31 +62,34 @@ messages from, the events it posts, and kopf's namespaced peering objects.
 {{- define "adaptermerge.namespacedRules" -}}
 - apiGroups: [adaptermerge.io]
   resources: [adaptermerges]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [adaptermerge.io]
   resources: [adaptermerges/status]
-  verbs: [get, patch, update]
+  verbs: [patch, update]
+# Owner references with blockOwnerDeletion on the Jobs and ConfigMaps need this where the
+# OwnerReferencesPermissionEnforcement admission plugin is on.
 - apiGroups: [adaptermerge.io]
   resources: [adaptermerges/finalizers]
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete, patch]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, delete, patch]
-- apiGroups: ["", events.k8s.io]
+  verbs: [get, create, delete]
+- apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
 {{- end -}}
 
-{{/* kopf watches CRDs to learn when the served resource appears or changes; CRDs are cluster-scoped. */}}
+{{/* In cluster-wide mode kopf watches CRDs to learn when the served resource appears or changes. With
+fixed namespaces the operator turns that scanning off (adaptermerge_operator/cli.py), so it needs none. */}}
 {{- define "adaptermerge.crdReadRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
