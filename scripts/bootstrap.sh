@@ -47,5 +47,9 @@ if [ ! -x "$local_venv/bin/python" ]; then
 fi
 local_site=$("$local_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "import site; site.addsitedir('$site')" > "$local_site/adaptermerge-shared-venv.pth"
-"$venv/bin/pip" --python "$local_venv/bin/python" install -q --no-deps --no-build-isolation -e "$repo" >&2
+# setuptools warns at length about editable installs on every call: show its output only on failure.
+if ! out=$("$venv/bin/pip" --python "$local_venv/bin/python" install -q --no-deps --no-build-isolation -e "$repo" 2>&1); then
+  echo "$out" >&2
+  exit 1
+fi
 echo "$local_venv"
