@@ -21,14 +21,6 @@ CRD_NAME = f"{specs.PLURAL}.{specs.API_GROUP}"
 # (the worker and the operator apply them), so stored objects stay exactly as the user wrote them.
 _DROPPED_KEYS = frozenset({"title", "default", "$defs"})
 
-# What the apiserver must estimate CEL costs against: a list with no maxItems is assumed as long as
-# a request allows, and the per-path rule multiplied by that exceeds the CRD's cost budget. These
-# bounds are far above any real merge, and only the CRD carries them.
-_MAX_ITEMS = {
-    ("adapters",): 64,
-    ("evaluation", "datasets"): 64,
-}
-
 _PRINTER_COLUMNS = [
     {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -122,15 +114,6 @@ def _readable_order(node: dict[str, Any]) -> dict[str, Any]:
     return {k: node[k] for k in first + middle + last}
 
 
-def _bound_lists(spec_schema: dict[str, Any]) -> None:
-    for *parents, name in _MAX_ITEMS:
-        node = spec_schema
-        for parent in parents:
-            node = node["properties"][parent]
-        bounded = {**node["properties"][name], "maxItems": _MAX_ITEMS[(*parents, name)]}
-        node["properties"][name] = _readable_order(bounded)
-
-
 def _schema_of(model: type[specs.BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return _structural(_resolve(raw, raw.get("$defs", {})))
@@ -138,7 +121,6 @@ def _schema_of(model: type[specs.BaseModel]) -> dict[str, Any]:
 
 def _open_schema() -> dict[str, Any]:
     spec_schema = _schema_of(specs.AdapterMergeSpec)
-    _bound_lists(spec_schema)
     status_schema = _schema_of(specs.AdapterMergeStatus)
     # kopf keeps its bookkeeping (status.kopf, handler results) in status: it must survive pruning.
     status_schema["x-kubernetes-preserve-unknown-fields"] = True

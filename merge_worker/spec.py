@@ -36,6 +36,7 @@ Quantization = Literal["nf4", "fp4", "int8", "none"]
 OutputFormat = Literal["adapter", "merged-model"]
 DType = Literal["float32", "bfloat16", "float16"]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+MAX_LIST_ITEMS = 64  # adapters, evaluation datasets
 
 
 def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -139,7 +140,7 @@ class EvalDataset(PathRef):
 
 
 class Evaluation(_Model):
-    datasets: list[EvalDataset] = Field(min_length=1)
+    datasets: list[EvalDataset] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
     min_retention: float | None = None
     batch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
@@ -183,7 +184,9 @@ class AdapterMergeSpec(_Model):
 
     volume: VolumeRef | None = None
     base_model: BaseModelSpec | None = None
-    adapters: list[AdapterRef] = Field(min_length=1)
+    # The bound (far above any real merge) also lets the API server estimate the cost of the CRD's
+    # per-path CEL rules: without maxItems it assumes a list as long as a request allows and refuses it.
+    adapters: list[AdapterRef] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
     method: Method
     parameters: Parameters = Field(default_factory=Parameters)
     output: Output

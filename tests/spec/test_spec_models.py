@@ -85,6 +85,8 @@ def test_weights_may_come_from_parameters():
         (lambda s: s.pop("evaluation") and s.pop("baseModel") and s["output"].update(format="merged-model"),
          "spec.baseModel", "merged-model needs a base model"),
         (lambda s: s.update(adapters=[]), "spec.adapters", "at least 1"),
+        (lambda s: s.update(adapters=[{"name": f"a{i}", "path": f"a/{i}"} for i in range(65)]),
+         "spec.adapters", "at most 64"),
     ],
 )
 def test_invalid_spec_names_the_field(change, field, words):
