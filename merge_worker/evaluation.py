@@ -196,7 +196,7 @@ class Scorer:
                                     max_new_tokens=self.max_new_tokens, device=self.device)
 
 
-# -- the runner's entry point (contract 4) ------------------------------------------------------------
+# -- the runner's entry point (docs/interfaces.md #4) ------------------------------------------------------------
 
 
 def source_adapter_name(name: str) -> str:

@@ -26,7 +26,7 @@ def build_result(
     output: dict[str, str] | None = None,
     retention: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
-    """The summary of contract 5; keys whose value is unknown are left out."""
+    """The summary of docs/interfaces.md #5; keys whose value is unknown are left out."""
     result: dict[str, Any] = {
         "reason": REASON_BY_EXIT_CODE[exit_code],
         "message": message,

@@ -1,4 +1,4 @@
-"""Fixtures for tests that need the real Kubernetes control plane (contract 8).
+"""Fixtures for tests that need the real Kubernetes control plane (docs/interfaces.md #8).
 
 All are session-scoped except `namespace`, and pytest only builds a fixture when a test asks for it:
 a run that selects no cluster test starts no etcd, API server or kubelet.

@@ -1,4 +1,4 @@
-"""`adaptermerge operator [kopf run options]`: the operator process (contract 6 and 9).
+"""`adaptermerge operator [kopf run options]`: the operator process (docs/interfaces.md #6 and #9).
 
 Every option is kopf's own `kopf run` option (-n/--namespace, -A/--all-namespaces, --standalone,
 --peering, --priority, --liveness, --verbose, ...); the handlers module is loaded implicitly.
@@ -20,7 +20,7 @@ _NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 def serves_fixed_namespaces(namespaces: Collection[str], clusterwide: bool) -> bool:
     """Only named namespaces (no patterns): nothing to discover, so no namespace list/watch.
 
-    Least-privilege RBAC (contract 10) grants namespaces list/watch in cluster-wide mode only; without
+    Least-privilege RBAC (docs/interfaces.md #10) grants namespaces list/watch in cluster-wide mode only; without
     it kopf would retry the forbidden listing for about a minute before every start."""
     return bool(namespaces) and not clusterwide and all(_NAMESPACE_NAME.match(n) for n in namespaces)
 

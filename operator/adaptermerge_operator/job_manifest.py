@@ -1,4 +1,4 @@
-"""Renders one generation of an AdapterMerge into the ConfigMap and the Job that run its merge (contract 7).
+"""Renders one generation of an AdapterMerge into the ConfigMap and the Job that run its merge (docs/interfaces.md #7).
 
 Pure functions of (resource, parsed spec, settings): the same inputs always give the same objects,
 so a re-render after an operator restart describes exactly the Job that may already exist.

@@ -1,4 +1,4 @@
-"""The operator's Kubernetes API calls, and nothing beyond contract 10's list.
+"""The operator's Kubernetes API calls, and nothing beyond the list of docs/interfaces.md #10.
 
 Blocking calls of the `kubernetes` client with raw JSON in and out (no model classes: they cost
 memory and time per object for nothing here); handlers run them in a thread pool via `KubeApi.run`.

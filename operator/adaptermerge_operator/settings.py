@@ -1,4 +1,4 @@
-"""The operator's own settings (contract 9): environment variables the Helm chart sets.
+"""The operator's own settings (docs/interfaces.md #9): environment variables the Helm chart sets.
 
 Namespaces, peering, priority and liveness are kopf's `run` flags, not settings here. A malformed
 value stops the operator at start-up with the variable's name, instead of failing on every Job.

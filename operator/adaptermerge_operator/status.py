@@ -19,7 +19,7 @@ READY = "Ready"
 FINISHED_PHASES = ("Succeeded", "Failed")
 # The status keys the operator owns; everything else in status (kopf's bookkeeping) is left alone.
 OWN_KEYS = ("phase", "observedGeneration", "jobName", "startTime", "completionTime", "output", "result", "conditions")
-# Result-summary keys (contract 5) that go to status.result; message and output go elsewhere.
+# Result-summary keys (docs/interfaces.md #5) that go to status.result; message and output go elsewhere.
 RESULT_KEYS = ("seconds", "modules", "maxReconstructionError", "rank", "retention", "exitCode")
 # Worker reasons kept as the condition's reason; any other failure reads JobFailed.
 WORKER_REASONS = ("InvalidSpec", "RetentionBelowThreshold")
@@ -33,7 +33,7 @@ class Verdict:
 
 
 def parse_termination_message(text: str | None) -> dict[str, Any] | None:
-    """The worker's JSON result summary (contract 5), or None for anything else (e.g. a log tail)."""
+    """The worker's JSON result summary (docs/interfaces.md #5), or None for anything else (e.g. a log tail)."""
     if not text:
         return None
     try:

@@ -1,4 +1,4 @@
-"""Least-privilege RBAC: the chart grants the operator exactly contract 10's API use, and nothing else.
+"""Least-privilege RBAC: the chart grants the operator exactly API use of docs/interfaces.md #10, and nothing else.
 
 Rendered rules are compared with the contract; then, against the real control plane, the operator's
 identity from support.chart_identity is asked (SelfSubjectAccessReview, what `kubectl auth can-i`
@@ -14,7 +14,7 @@ import pytest
 
 from support.chart_identity import operator_kubeconfig, worker_service_account
 
-# Contract 10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
+# docs/interfaces.md #10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
 # kopf: list/watch and patch of the resource and its status, core/v1 event posts, peering; the
 # operator: merges get and status update, Jobs and ConfigMaps create/get/delete, the Job and pod indexes.
 NAMESPACED = {

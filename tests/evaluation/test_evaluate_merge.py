@@ -1,4 +1,4 @@
-"""evaluate_merge (contract 4) on the tiny model: the three losses per dataset, retention, exact match,
+"""evaluate_merge (docs/interfaces.md #4) on the tiny model: the three losses per dataset, retention, exact match,
 minRetention, the merged-model path and the quantization fallback without CUDA."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def terminated(exit_code: int, message: str) -> dict:
 
 
 def worker_summary(exit_code: int, message: str, **details: Any) -> str:
-    """The termination message the real worker writes (H-worker's builder, contract 5)."""
+    """The termination message the real worker writes (merge_worker.result's builder, docs/interfaces.md #5)."""
     return json.dumps(build_result(exit_code, message, **details))
 
 

@@ -1,4 +1,4 @@
-"""Rendering an AdapterMerge into its ConfigMap and Job (contract 7), without a cluster."""
+"""Rendering an AdapterMerge into its ConfigMap and Job (docs/interfaces.md #7), without a cluster."""
 
 from __future__ import annotations
 

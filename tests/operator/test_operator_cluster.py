@@ -1,6 +1,6 @@
 """The operator end to end: real API server, Job controller and garbage collector, the test kubelet
 running the real worker (`adaptermerge run`), and the operator as a subprocess holding the chart's
-ServiceAccount token (contract 11), so a missing RBAC rule fails here.
+ServiceAccount token (docs/interfaces.md #11), so a missing RBAC rule fails here.
 
 Slow runs without sleeping in product code: a `sitecustomize` the test puts on the worker's
 PYTHONPATH (the test kubelet passes its environment on) holds the worker process at interpreter

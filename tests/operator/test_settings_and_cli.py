@@ -1,4 +1,4 @@
-"""Operator settings from the environment (contract 9) and the `adaptermerge operator` entry point."""
+"""Operator settings from the environment (docs/interfaces.md #9) and the `adaptermerge operator` entry point."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # What each image must be able to run: the operator its entrypoint, the worker the Job's command
-# (contract 7: `adaptermerge run ...`, which replaces the image's entrypoint).
+# (docs/interfaces.md #7: `adaptermerge run ...`, which replaces the image's entrypoint).
 RUNS = {"operator": ["adaptermerge", "operator"], "worker": ["adaptermerge", "run"]}
 
 

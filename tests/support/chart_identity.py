@@ -2,7 +2,7 @@
 
 `operator_kubeconfig` renders the chart's ServiceAccounts and RBAC with `helm template`, applies them
 to the test control plane and returns a kubeconfig holding a token of the operator's ServiceAccount,
-so a rule missing from the chart fails the test that uses it (contract 11).
+so a rule missing from the chart fails the test that uses it (docs/interfaces.md #11).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ mapped to local folders, and reports the pod's progress through the pods/status 
 kubelet does, so the real Job controller sees Running, Succeeded and Failed pods, exit codes and
 termination messages. Deleting a running pod kills its process group.
 
-How a pod becomes a local process (contract 7):
+How a pod becomes a local process (docs/interfaces.md #7):
 - PVC claim X -> <claims_root>/X; ConfigMap and Secret volumes -> folders holding their keys;
   emptyDir and any other volume -> an empty folder.
 - Every mountPath, and the terminationMessagePath, is rewritten to its local path in the command,
