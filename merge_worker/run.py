@@ -36,7 +36,7 @@ from merge_worker.adapter_writer import AdapterWriter
 from merge_worker.base_weights import BaseWeights, BaseWeightsError
 from merge_worker.eval_datasets import read_jsonl
 from merge_worker.factors import LoraFactors, MergeParams
-from merge_worker.manifest import build_manifest, describe_input, write_manifest
+from merge_worker.manifest import FileDigests, build_manifest, describe_input, write_manifest
 from merge_worker.merged_model_writer import weight_name, write_merged_model
 from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, log, merge_summary
 from merge_worker.result import build_result
@@ -348,15 +348,18 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     output = inputs.output_path
     created = _make_parents(output.parent)
     tmp = output.parent / f".{output.name}.tmp-{secrets.token_hex(4)}"
+    digests = FileDigests(_input_files(inputs))
     try:
         tmp.mkdir()
-        records, evaluation, manifest = _build(inputs, tmp, torch_device, timings, tty)
+        records, evaluation, manifest = _build(inputs, tmp, torch_device, timings, tty, digests)
         publish(tmp, output, spec.output.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(created):
             _rmdir_if_empty(folder)
         raise
+    finally:
+        digests.close()
     seconds = time.monotonic() - started
     print_out(merge_summary(records, seconds))
     if evaluation is not None:
@@ -379,7 +382,8 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     return Outcome(exit_code, result, output, manifest)
 
 
-def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, float], tty: bool | None):
+def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, float], tty: bool | None,
+           digests: FileDigests):
     spec = inputs.spec
     params = merge_params(spec)
     start = time.monotonic()
@@ -399,7 +403,7 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
         timings["evaluate"] = time.monotonic() - start
     manifest = build_manifest(
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
-        inputs=_describe_inputs(inputs),
+        inputs=_describe_inputs(inputs, digests),
         device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
         evaluation=evaluation,
     )
@@ -407,23 +411,31 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
     return records, evaluation, manifest
 
 
-def _describe_inputs(inputs: Inputs) -> list[dict[str, Any]]:
+def _input_files(inputs: Inputs) -> list[Path]:
+    """Every file the run reads, in the order the manifest lists them."""
+    files = [f for adapter in inputs.adapters for f in adapter.files()]
+    if inputs.base is not None:
+        files += inputs.base.files()
+    return files + list(inputs.dataset_paths)
+
+
+def _describe_inputs(inputs: Inputs, digests: FileDigests) -> list[dict[str, Any]]:
     spec = inputs.spec
     described = []
     for ref, adapter in zip(spec.adapters, inputs.adapters):
         cfg = adapter.config
         described.append(describe_input(
-            "adapter", spec.claim_of(ref), ref.path, adapter.path, adapter.files(), name=ref.name,
+            "adapter", spec.claim_of(ref), ref.path, adapter.path, adapter.files(), digests, name=ref.name,
             config={"r": cfg.r, "loraAlpha": cfg.lora_alpha, "useRslora": cfg.use_rslora,
                     "rankPattern": cfg.rank_pattern, "alphaPattern": cfg.alpha_pattern,
                     "baseModelNameOrPath": cfg.base_model_name_or_path},
         ))
     if inputs.base is not None:
         described.append(describe_input("baseModel", spec.claim_of(spec.base_model), spec.base_model.path,
-                                        inputs.base_path, inputs.base.files()))
+                                        inputs.base_path, inputs.base.files(), digests))
     for ref, path in zip(spec.evaluation.datasets if spec.evaluation else [], inputs.dataset_paths):
         described.append(describe_input("evaluationDataset", spec.claim_of(ref), ref.path, path, [path],
-                                        name=ref.name))
+                                        digests, name=ref.name))
     return described
 
 
