@@ -125,7 +125,7 @@ def merge_compute(modules: list, spec: dict, device: torch.device) -> float:
 
 def stage_seconds(modules: list, spec: dict, device: torch.device) -> dict[str, float]:
     """Where ties' merge compute goes: the engine's stages timed one module at a time."""
-    from merge_worker.merge_engine import _task_vectors
+    from merge_worker.merge_engine import _stage, _task_vectors
     from merge_worker.methods import make_method
     from merge_worker.methods.sparse_merge import merge_kept
     from merge_worker.refactor import factor_dense
@@ -133,7 +133,8 @@ def stage_seconds(modules: list, spec: dict, device: torch.device) -> dict[str, 
 
     params = merge_params(parse_spec(spec))
     method = make_method(params, len(spec["adapters"]))
-    stages = dict.fromkeys(("task vectors", "trim thresholds", "sparse merge", "rank-16 refactor"), 0.0)
+    stages = dict.fromkeys(
+        ("stage factors (host)", "task vectors", "trim thresholds", "sparse merge", "rank-16 refactor"), 0.0)
 
     def timed(stage, fn, *args, **kwargs):
         sync(device)
@@ -144,7 +145,8 @@ def stage_seconds(modules: list, spec: dict, device: torch.device) -> dict[str, 
         return value
 
     for module in modules:
-        taus = timed("task vectors", _task_vectors, [module], method.n_adapters, device, torch.float32)
+        staged = timed("stage factors (host)", _stage, [module], method.n_adapters, device, torch.float32)
+        taus = timed("task vectors", _task_vectors, staged, device)
         thresholds = timed("trim thresholds", magnitude_thresholds, taus, params.density)
         delta = timed("sparse merge", merge_kept, taus, thresholds, params.weights, params.lambda_, ties=True)
         timed("rank-16 refactor", factor_dense, delta, RANK, 0.99)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from merge_worker.factors import LoraFactors
+from merge_worker.finite_check import suspect_tensors
 from merge_worker.input_error import InputError
 
 CONFIG_FILE = "adapter_config.json"
@@ -174,6 +175,12 @@ class _TensorFile:
             return self._dict[key]
         return self._handle.get_tensor(key)
 
+    def maybe_nonfinite(self) -> list[str]:
+        """Keys that may hold NaN or Inf (checked in bulk where the format allows): a superset of those that do."""
+        if self._dict is not None:
+            return self.keys()
+        return suspect_tensors(self.path)
+
 
 def _load_pickle(path: Path, adapter: Path) -> dict[str, torch.Tensor]:
     try:
@@ -277,8 +284,8 @@ class Adapter:
         return self._file.shape(self.saved[name])
 
     def check_finite(self) -> None:
-        """Raises naming the first tensor holding NaN or Inf; loads one tensor at a time."""
-        for key in self._file.keys():
+        """Raises naming the first tensor holding NaN or Inf."""
+        for key in self._file.maybe_nonfinite():
             tensor = self._file.get(key)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"

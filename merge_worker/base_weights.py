@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from merge_worker.input_error import InputError
+from merge_worker.safetensors_stream import FLOAT_DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class BaseWeightsError(InputError):
@@ -70,8 +70,8 @@ class BaseWeights:
         """The checkpoint's floating-point dtype (that of its first floating tensor), read from headers."""
         for name, shard in self._where.items():
             stored = self._handles[shard].get_slice(name).get_dtype()
-            if stored in _FLOAT_DTYPES:
-                return _FLOAT_DTYPES[stored]
+            if stored in FLOAT_DTYPES:
+                return FLOAT_DTYPES[stored]
         return torch.float32
 
     def files(self) -> list[Path]:

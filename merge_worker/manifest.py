@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 from merge_worker.progress import ModuleRecord
 
 MANIFEST_FILE = "merge-manifest.json"
+_HASH_THREADS = 4
 _LIBRARIES = ("adaptermerge", "torch", "safetensors", "peft", "transformers", "numpy", "pydantic")
 
 
@@ -44,11 +46,13 @@ def sha256_file(path: Path) -> str:
 
 
 class FileDigests:
-    """The sha256 of input files, computed in a background thread while the merge runs: hashlib
-    releases the GIL on large blocks, so hashing gigabytes of inputs adds little to the run's time."""
+    """The sha256 of input files, computed in background threads while the merge runs: hashlib
+    releases the GIL on large blocks, so hashing gigabytes of inputs adds little to the run's time.
+    A file is hashed by one thread; several files (one per adapter) are hashed side by side."""
 
     def __init__(self, files: Iterable[Path]):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pool = ThreadPoolExecutor(max_workers=min(_HASH_THREADS, os.cpu_count() or 1),
+                                        thread_name_prefix="sha256")
         self._digests = {f: self._pool.submit(sha256_file, f) for f in dict.fromkeys(files)}
 
     def __getitem__(self, path: Path) -> str:

@@ -16,6 +16,7 @@ cast to bfloat16 better than all the scale on one side).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -67,14 +68,16 @@ def _assemble(
     left: torch.Tensor | None, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
     right: torch.Tensor | None, k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """B' = left @ U_k sqrt(S_k), A' = sqrt(S_k) Vh_k @ right^T (None stands for the identity)."""
-    root = s[:k].sqrt().to(u.device, u.dtype)
-    b = u[:, :k] * root
-    a = root[:, None] * vh[:k]
+    """B' = left @ U_k sqrt(S_k), A' = sqrt(S_k) Vh_k @ right^T (None stands for the identity).
+
+    Works on one module or on a batch (leading dimensions)."""
+    root = s[..., :k].sqrt().to(u.device, u.dtype)
+    b = u[..., :k] * root[..., None, :]
+    a = root[..., :, None] * vh[..., :k, :]
     if left is not None:
         b = left @ b
     if right is not None:
-        a = a @ right.T
+        a = a @ right.mT
     return b.contiguous(), a.contiguous()
 
 
@@ -142,7 +145,7 @@ def _sketch_core(
             left = orthonormalize(deltas @ orthonormalize(deltas.mT @ left))
         projected = deltas.mT @ left  # = deltas^T left, so left^T deltas = projected^T
         right = orthonormalize(projected)
-        if orthonormalize is _householder_q or _orthonormal(left) and _orthonormal(right):
+        if orthonormalize is _householder_q or _orthonormal(left, right):
             return left, projected.mT @ right, right  # left^T deltas = core @ right^T
     raise AssertionError("unreachable")
 
@@ -161,28 +164,39 @@ def _cholesky_qr(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _orthonormal(q: torch.Tensor) -> bool:
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return bool(((q.mT @ q - eye).abs().amax() < 1e-3).all())  # False for NaN as well
+def _orthonormal(*qs: torch.Tensor) -> bool:
+    """Whether every q has orthonormal columns (one host round trip for all of them)."""
+    deviations = []
+    for q in qs:
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        deviations.append((q.mT @ q - eye).abs().amax())
+    return bool((torch.stack(deviations) < 1e-3).all())  # False for NaN as well
 
 
 def _measured_error(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, norm: float) -> float:
     return float(torch.linalg.matrix_norm(torch.addmm(delta, b, a, alpha=-1))) / norm
 
 
-def _dense_module(
-    delta: torch.Tensor, left: torch.Tensor | None, core: torch.Tensor, right: torch.Tensor | None,
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, note: str, sketched: bool, norm: float,
-) -> MergedModule:
-    b, a = _assemble(left, u, s, vh, right, k)
-    if sketched:
+def _relative_error(
+    delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: torch.Tensor, k: int, sketched: bool, norm: float
+) -> float:
+    """||delta - b @ a|| / ||delta|| from the core's singular values `s` (host float64)."""
+    if sketched:  # the sketch may miss part of the delta: what the kept values do not hold is the error
         error_sq = max(norm**2 - float((s[:k] ** 2).sum()), 0.0) / norm**2
     else:  # the exact core holds all of the delta: the error is its dropped singular values
         error_sq = float((s[k:] ** 2).sum() / (s**2).sum())
     error = math.sqrt(error_sq)
     if sketched and error < DIRECT_ERROR_BELOW:
         error = _measured_error(delta, b, a, norm)
-    return MergedModule(b=b, a=a, relative_error=error, note=note)
+    return error
+
+
+def _dense_module(
+    delta: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, note: str, sketched: bool, norm: float,
+) -> MergedModule:
+    b, a = _assemble(left, u, s, vh, right, k)
+    return MergedModule(b=b, a=a, relative_error=_relative_error(delta, b, a, s, k, sketched, norm), note=note)
 
 
 def _sketch_width(k: int, smaller_side: int) -> int:
@@ -195,38 +209,56 @@ def _use_exact(width: int, smaller_side: int) -> bool:
 
 def factor_dense(
     deltas: torch.Tensor, rank: Rank, energy: float, *,
-    exact: bool | None = None, power_iterations: int = POWER_ITERATIONS,
+    exact: bool | None = None, power_iterations: int = POWER_ITERATIONS, out_device: torch.device | None = None,
 ) -> list[MergedModule]:
     """Truncated-SVD factors of each of the (M, out, in) dense deltas.
 
-    `exact` forces (True) or forbids (False) the exact path; None picks by size."""
+    `exact` forces (True) or forbids (False) the exact path; None picks by size. The factors come back
+    on `out_device` (default: the deltas' device)."""
+    out_device = deltas.device if out_device is None else torch.device(out_device)
     smaller_side = min(deltas.shape[1:])
-    norms = [float(n) for n in torch.linalg.matrix_norm(deltas)]
+    norms = torch.linalg.matrix_norm(deltas).tolist()
     if rank == "auto":
         return [
-            _auto_rank_module(delta, norm, energy, exact, power_iterations)
+            _moved(_auto_rank_module(delta, norm, energy, exact, power_iterations), out_device)
             for delta, norm in zip(deltas, norms)
         ]
     k, note = choose_rank(torch.empty(0), rank, energy, 0.0, smaller_side, "min(out, in)")
     width = _sketch_width(k, smaller_side)
-    sketch = not (exact if exact is not None else _use_exact(width, smaller_side))
+    if not (exact if exact is not None else _use_exact(width, smaller_side)):
+        return _sketched_modules(deltas, norms, k, note, width, power_iterations, out_device)
     results = []
-    if sketch:
-        left, core, right = _sketch_core(deltas, width, power_iterations)
-        u, s, vh = _core_svd(core)
-    for m, (delta, norm) in enumerate(zip(deltas, norms)):
+    for delta, norm in zip(deltas, norms):
         if norm == 0:
-            results.append(zero_module(*delta.shape, delta))
+            results.append(zero_module(*delta.shape, delta.new_empty(0, device=out_device)))
             continue
-        if sketch:
-            results.append(_dense_module(
-                delta, left[m], core[m], right[m], u[m], s[m], vh[m], k, note, True, norm))
-        else:
-            left_m, core_m, right_m = _exact_core(delta)
-            u_m, s_m, vh_m = _core_svd(core_m)
-            results.append(_dense_module(
-                delta, left_m, core_m, right_m, u_m, s_m, vh_m, k, note, False, norm))
+        left, core, right = _exact_core(delta)
+        u, s, vh = _core_svd(core)
+        results.append(_moved(_dense_module(delta, left, right, u, s, vh, k, note, False, norm), out_device))
     return results
+
+
+def _sketched_modules(
+    deltas: torch.Tensor, norms: list[float], k: int, note: str, width: int, power_iterations: int,
+    out_device: torch.device,
+) -> list[MergedModule]:
+    """The whole batch through one sketch, one core SVD and one copy of the factors to `out_device`."""
+    left, core, right = _sketch_core(deltas, width, power_iterations)
+    u, s, vh = _core_svd(core)
+    b, a = _assemble(left, u, s, vh, right, k)
+    b_out, a_out = b.to(out_device), a.to(out_device)
+    results = []
+    for m, norm in enumerate(norms):
+        if norm == 0:
+            results.append(zero_module(*deltas.shape[1:], b_out))
+            continue
+        error = _relative_error(deltas[m], b[m], a[m], s[m], k, True, norm)
+        results.append(MergedModule(b=b_out[m], a=a_out[m], relative_error=error, note=note))
+    return results
+
+
+def _moved(module: MergedModule, device: torch.device) -> MergedModule:
+    return dataclasses.replace(module, b=module.b.to(device), a=module.a.to(device))
 
 
 def _auto_rank_module(
@@ -243,11 +275,11 @@ def _auto_rank_module(
         # The sketch's own energy only ever under-counts: reaching the target here is a guarantee.
         if float((s**2).sum()) >= energy * norm**2:
             k, _ = choose_rank(s, "auto", energy, norm**2, len(s), "")
-            return _dense_module(delta, left[0], core[0], right[0], u, s, vh, k, "", True, norm)
+            return _dense_module(delta, left[0], right[0], u, s, vh, k, "", True, norm)
         if width >= smaller_side:
             break
         width = min(2 * width, smaller_side)
     left, core, right = _exact_core(delta)
     u, s, vh = _core_svd(core)
     k, _ = choose_rank(s, "auto", energy, float((s**2).sum()), len(s), "")
-    return _dense_module(delta, left, core, right, u, s, vh, k, "", False, norm)
+    return _dense_module(delta, left, right, u, s, vh, k, "", False, norm)

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,9 @@ def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
         if not spec.allow_base_mismatch:
             check_same_base(adapters)
         plan = plan_modules(adapters)
-        for adapter in adapters:
-            adapter.check_finite()
+        # One thread per adapter: the scan is reads and torch reductions, which release the GIL.
+        with ThreadPoolExecutor(max_workers=min(len(adapters), os.cpu_count() or 1)) as pool:
+            list(pool.map(Adapter.check_finite, adapters))  # raises the first failing adapter's error
     except AdapterError as exc:
         raise SpecError(fields[exc.path], str(exc)) from None
     saved = {

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {
+# safetensors' dtype codes, both ways.
+DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+FLOAT_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items() if dtype.is_floating_point}
 
 
 class SafetensorsStreamWriter:
@@ -33,12 +35,12 @@ class SafetensorsStreamWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._header:
             raise ValueError(f"tensor {name} written twice")
-        if tensor.dtype not in _DTYPES:
+        if tensor.dtype not in DTYPE_CODES:
             raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors here")
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._data.write(memoryview(raw))
         self._header[name] = {
-            "dtype": _DTYPES[tensor.dtype],
+            "dtype": DTYPE_CODES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [self.nbytes, self.nbytes + raw.nbytes],
         }
