@@ -24,11 +24,12 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
 
 
-def dare_mask(shape, density: float, seed: int, key: str, index: int) -> torch.Tensor:
-    """The kept entries, keyed as documented in docs/merging.md (sha256 of 'seed/key/index')."""
+def dare_mask(shape, density: float, seed: int, key: str, index: int, device="cpu") -> torch.Tensor:
+    """The kept entries, keyed as documented in docs/merging.md (sha256 of 'seed/key/index'), drawn on
+    `device` (the merge device: CPU and CUDA generators give different streams for one seed)."""
     digest = hashlib.sha256(f"{seed}/{key}/{index}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.rand(shape, generator=generator, dtype=torch.float32) < density
+    generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return (torch.rand(shape, generator=generator, dtype=torch.float32, device=device) < density).cpu()
 
 
 def linear(taus, weights, lam):
@@ -57,8 +58,9 @@ def slerp(a, b, t, lam):
     return lam * (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
-def merge(method: str, taus, weights, *, density=None, lam=1.0, t=0.5, seed=0, key=""):
-    """The merged delta of one module; `taus` are dense float64 task vectors (zeros where absent)."""
+def merge(method: str, taus, weights, *, density=None, lam=1.0, t=0.5, seed=0, key="", device="cpu"):
+    """The merged delta of one module; `taus` are dense float64 task vectors (zeros where absent) on the
+    CPU; `device` is where DARE's masks are drawn."""
     if method in ("linear", "cat"):
         return linear(taus, weights, lam)
     if method == "magnitude_prune":
@@ -67,7 +69,7 @@ def merge(method: str, taus, weights, *, density=None, lam=1.0, t=0.5, seed=0, k
         return disjoint_mean([w * trim(x, density) for w, x in zip(weights, taus)], weights, lam)
     if method in ("dare_linear", "dare_ties"):
         dropped = [
-            torch.where(dare_mask(x.shape, density, seed, key, i), x / density, 0.0)
+            torch.where(dare_mask(x.shape, density, seed, key, i, device), x / density, 0.0)
             for i, x in enumerate(taus)
         ]
         if method == "dare_linear":

@@ -1,0 +1,97 @@
+"""The CUDA fast paths on a real GPU: jitted Triton kernels, pinned staging, Cholesky-QR sketches.
+
+CI has no GPU, so these skip there; CI checks the same kernels through Triton's interpreter
+(test_fused_kernel.py, test_fused_selection.py). On a GPU machine:
+`pytest tests/merging/test_cuda_paths.py` (docs/merging.md, "Speed", has what they found)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_worker.factors import LoraFactors, MergeParams
+from merge_worker.merge_engine import merge_modules
+from merge_worker.methods.sparse_merge import merge_kept, merge_kept_torch
+from merge_worker.spec import METHODS
+from merge_worker.trim import bracketed_kth_largest, keep_count
+from merging import reference
+from merging.conftest import SHAPES, dense_taus
+from merging.test_methods_match_reference import (
+    DENSITY,
+    LAMBDA,
+    SEED,
+    WEIGHTS,
+    T,
+    inputs_for,
+    params_for,
+    relative_difference,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def _to_float32(modules: dict) -> dict:
+    return {k: [None if f is None else LoraFactors(a=f.a.float(), b=f.b.float(), scale=f.scale) for f in v]
+            for k, v in modules.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_cuda_matches_the_float64_reference(method, adapters):
+    modules = inputs_for(method, adapters)
+    params = params_for(method, len(next(iter(modules.values()))))
+    merged = dict(merge_modules(iter(_to_float32(modules).items()), params, rank=1000, energy=0.99,
+                                device=CUDA))
+    assert sorted(merged) == sorted(modules)
+    for name, factors in modules.items():
+        taus = dense_taus(factors, SHAPES[name])
+        # DARE draws its masks on the merge device (docs/merging.md): the reference does the same.
+        want = reference.merge(method, taus, WEIGHTS[: len(taus)], density=DENSITY, lam=LAMBDA, t=T,
+                               seed=SEED, key=name, device=CUDA)
+        got = merged[name].b.double() @ merged[name].a.double()
+        assert relative_difference(got, want) < 1e-4, (method, name)
+
+
+def test_selection_on_cuda_equals_a_full_sort():
+    g = torch.Generator(device=CUDA).manual_seed(5)
+    scales = torch.tensor([1e-3, 1.0, 1e3, 1.0], device=CUDA)[:, None]
+    rows = torch.randn(4, 3_000_000, generator=g, device=CUDA) * scales
+    rows[1, ::3] = 0  # many zeros
+    rows[3] = rows[3].round()  # ties at every threshold
+    for density in (0.01, 0.2, 0.5, 0.9):
+        k = keep_count(rows.shape[1], density)
+        want = rows.abs().sort(dim=1, descending=True).values[:, k - 1]
+        assert torch.equal(bracketed_kth_largest(rows, k), want), density
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_fused_merge_on_cuda_equals_the_torch_definition(ties):
+    g = torch.Generator(device=CUDA).manual_seed(7)
+    taus = torch.randn(3, 2, 1000, 777, generator=g, device=CUDA)
+    taus[:, :, ::5] = 0
+    thresholds = torch.rand(3, 2, generator=g, device=CUDA)
+    weights = [0.6, -0.3, 1.1]
+    got = merge_kept(taus.clone(), thresholds, weights, 1.4, ties=ties)
+    want = merge_kept_torch(taus.double(), thresholds.double(), weights, 1.4, ties=ties)
+    assert relative_difference(got.double(), want) < 1e-6
+
+
+def test_sketched_refactor_on_cuda_is_near_the_optimal_truncation():
+    """Large enough for the randomized path (sketch much thinner than the module), batched."""
+    g = torch.Generator().manual_seed(11)
+    shape, n_modules, rank = (640, 512), 3, 16
+    modules = {f"layers.{m}.q": [LoraFactors(a=torch.randn(8, shape[1], generator=g) / 20,
+                                             b=torch.randn(shape[0], 8, generator=g), scale=2.0)
+                                 for _ in range(3)] for m in range(n_modules)}
+    params = MergeParams(method="ties", weights=(0.5, 0.3, 0.7), density=0.3)
+    merged = dict(merge_modules(iter(modules.items()), params, rank=rank, energy=0.99, device=CUDA))
+    for name, factors in modules.items():
+        taus = [f.scale * (f.b.double() @ f.a.double()) for f in factors]
+        want = reference.merge("ties", taus, params.weights, density=params.density)
+        s = torch.linalg.svdvals(want)
+        optimal = float(s[rank:].norm() / s.norm())
+        module = merged[name]
+        measured = relative_difference(module.b.double() @ module.a.double(), want)
+        assert module.rank == rank
+        assert measured <= 1.02 * optimal, name
+        assert module.relative_error == pytest.approx(measured, rel=1e-2), name
