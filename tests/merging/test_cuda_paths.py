@@ -15,41 +15,21 @@ from merge_worker.methods.sparse_merge import merge_kept, merge_kept_torch
 from merge_worker.spec import METHODS
 from merge_worker.trim import bracketed_kth_largest, keep_count
 from merging import reference
-from merging.conftest import SHAPES, dense_taus
-from merging.test_methods_match_reference import (
-    DENSITY,
-    LAMBDA,
-    SEED,
-    WEIGHTS,
-    T,
-    inputs_for,
-    params_for,
-    relative_difference,
-)
+from merging.conftest import dense_taus
+from merging.test_methods_match_reference import expected, inputs_for, relative_difference, run_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 
 
-def _to_float32(modules: dict) -> dict:
-    return {k: [None if f is None else LoraFactors(a=f.a.float(), b=f.b.float(), scale=f.scale) for f in v]
-            for k, v in modules.items()}
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_cuda_matches_the_float64_reference(method, adapters):
     modules = inputs_for(method, adapters)
-    params = params_for(method, len(next(iter(modules.values()))))
-    merged = dict(merge_modules(iter(_to_float32(modules).items()), params, rank=1000, energy=0.99,
-                                device=CUDA))
+    merged = run_engine(method, modules, rank=1000, dtype=torch.float32, device=CUDA)
     assert sorted(merged) == sorted(modules)
     for name, factors in modules.items():
-        taus = dense_taus(factors, SHAPES[name])
-        # DARE draws its masks on the merge device (docs/merging.md): the reference does the same.
-        want = reference.merge(method, taus, WEIGHTS[: len(taus)], density=DENSITY, lam=LAMBDA, t=T,
-                               seed=SEED, key=name, device=CUDA)
         got = merged[name].b.double() @ merged[name].a.double()
-        assert relative_difference(got, want) < 1e-4, (method, name)
+        assert relative_difference(got, expected(method, name, factors, device=CUDA)) < 1e-4, (method, name)
 
 
 def test_selection_on_cuda_equals_a_full_sort():
@@ -86,8 +66,7 @@ def test_sketched_refactor_on_cuda_is_near_the_optimal_truncation():
     params = MergeParams(method="ties", weights=(0.5, 0.3, 0.7), density=0.3)
     merged = dict(merge_modules(iter(modules.items()), params, rank=rank, energy=0.99, device=CUDA))
     for name, factors in modules.items():
-        taus = [f.scale * (f.b.double() @ f.a.double()) for f in factors]
-        want = reference.merge("ties", taus, params.weights, density=params.density)
+        want = reference.merge("ties", dense_taus(factors, shape), params.weights, density=params.density)
         s = torch.linalg.svdvals(want)
         optimal = float(s[rank:].norm() / s.norm())
         module = merged[name]

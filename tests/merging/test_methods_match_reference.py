@@ -19,10 +19,11 @@ def params_for(method: str, n: int) -> MergeParams:
     return MergeParams(method=method, weights=WEIGHTS[:n], density=DENSITY, lambda_=LAMBDA, t=T, seed=SEED)
 
 
-def expected(method: str, name: str, factors: list) -> torch.Tensor:
+def expected(method: str, name: str, factors: list, device=torch.device("cpu")) -> torch.Tensor:
+    """The reference merge; `device` is the merge device, where DARE draws its masks (docs/merging.md)."""
     taus = dense_taus(factors, SHAPES[name])
     return reference.merge(method, taus, WEIGHTS[: len(taus)], density=DENSITY, lam=LAMBDA, t=T,
-                           seed=SEED, key=name)
+                           seed=SEED, key=name, device=device)
 
 
 def relative_difference(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -34,13 +35,13 @@ def inputs_for(method: str, adapters: dict) -> dict:
     return {k: v[:2] for k, v in adapters.items()} if method == "slerp" else adapters
 
 
-def run_engine(method: str, modules: dict, rank, dtype=torch.float64) -> dict:
+def run_engine(method: str, modules: dict, rank, dtype=torch.float64, device=torch.device("cpu")) -> dict:
     params = params_for(method, len(next(iter(modules.values()))))
     if dtype != torch.float64:
         modules = {k: [None if f is None else type(f)(a=f.a.to(dtype), b=f.b.to(dtype), scale=f.scale)
                        for f in v] for k, v in modules.items()}
-    return dict(merge_modules(iter(modules.items()), params, rank=rank, energy=0.99,
-                              device=torch.device("cpu"), dtype=dtype))
+    return dict(merge_modules(iter(modules.items()), params, rank=rank, energy=0.99, device=device,
+                              dtype=dtype))
 
 
 @pytest.mark.parametrize("method", METHODS)
