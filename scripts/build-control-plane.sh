@@ -18,8 +18,11 @@ export GOFLAGS=-buildvcs=false CGO_ENABLED=0
 
 log() { echo "build-control-plane: $*" >&2; }
 
-stamp_matches() {  # $1 = binary, $2 = expected version string in its --version output
-  [ -x "$1" ] && "$1" --version 2>/dev/null | grep -qF -- "$2"
+# The version output is captured before grep reads it: with `grep -q` in a pipe, grep exits at the
+# first match, the writer can die of SIGPIPE, and under pipefail the check failed and rebuilt.
+stamp_matches() {  # $1 = binary, $2 = expected version string in the output of "$1" ${3:---version}
+  local out
+  [ -x "$1" ] && out=$("$1" ${3:---version} 2>/dev/null) && grep -qF -- "$2" <<<"$out"
 }
 
 build_kubernetes() {
@@ -47,8 +50,9 @@ build_kubernetes() {
   go get "k8s.io/kubernetes@$K8S_VERSION" >&2
   # kubectl is built too although Debian ships /usr/bin/kubectl v1.32: kubectl is supported only within
   # one minor version of the server (1.35-1.37 for a 1.36 server), so 1.32 is outside the skew policy.
+  # kubelet and kube-scheduler run the real node of tests/node (docs/real-node.md).
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-              k8s.io/kubernetes/cmd/kubectl)
+              k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler)
   go get "${pkgs[@]/%/@$K8S_VERSION}" >&2
   local v=k8s.io/component-base/version cv=k8s.io/client-go/pkg/version flags=""
   local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -56,7 +60,7 @@ build_kubernetes() {
     flags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     flags+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
-  log "compiling kube-apiserver, kube-controller-manager, kubectl (about 7 min cold on 2 cores)"
+  log "compiling kube-apiserver, kube-controller-manager, kubectl, kubelet, kube-scheduler (about 10 min cold on 2 cores)"
   go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "-s -w $flags" -o "$bin/" "${pkgs[@]}"
 }
 
@@ -77,10 +81,15 @@ build_helm() {
     "helm.sh/helm/$major/cmd/helm@$HELM_VERSION"
 }
 
+# Parallel test runs on one machine share the cache: the second waits instead of building over the first.
+exec 9>"$cache/control-plane/.build.lock"
+flock 9
 stamp_matches "$bin/etcd" "${ETCD_VERSION#v}" || build_etcd
-if ! stamp_matches "$bin/kube-apiserver" "$K8S_VERSION" || ! stamp_matches "$bin/kube-controller-manager" "$K8S_VERSION" \
-   || ! { [ -x "$bin/kubectl" ] && "$bin/kubectl" version --client 2>/dev/null | grep -qF "$K8S_VERSION"; }; then
-  build_kubernetes
-fi
-"$bin/helm" version --short 2>/dev/null | grep -qF "$HELM_VERSION" || build_helm
+kubernetes_ok=true
+for b in kube-apiserver kube-controller-manager kubelet kube-scheduler; do
+  stamp_matches "$bin/$b" "$K8S_VERSION" || kubernetes_ok=false
+done
+stamp_matches "$bin/kubectl" "$K8S_VERSION" "version --client" || kubernetes_ok=false
+$kubernetes_ok || build_kubernetes
+stamp_matches "$bin/helm" "$HELM_VERSION" "version --short" || build_helm
 echo "$bin"
