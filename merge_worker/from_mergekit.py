@@ -139,10 +139,10 @@ def translate(config: dict[str, Any], *, claim: str, output: str, name: str, roo
             continue
         ref: dict[str, Any] = {"name": _unique_name(adapter, [a["name"] for a in adapters]),
                                "path": _relative(adapter, root, f"{where}.model")}
-        for key in PER_MODEL:
-            value = values.get(key, shared.get(key))
-            if key in accepted and value is not None:
-                ref[key] = value
+        weight = values.get("weight", shared.get("weight"))
+        if weight is not None:
+            ref["weight"] = weight
+        ref.update({key: values[key] for key in ("density", "gamma", "epsilon") if key in values})
         if "weight" in accepted and "weight" not in ref:
             raise TranslationError(f"{where}.parameters.weight", f"mergekit's {method} requires a weight")
         adapters.append(ref)
@@ -156,6 +156,7 @@ def translate(config: dict[str, Any], *, claim: str, output: str, name: str, roo
                                    " parameters.weight or a models entry); or leave base_model out")
 
     parameters: dict[str, Any] = {"conventions": "mergekit"}
+    parameters.update({key: shared[key] for key in ("density", "gamma", "epsilon") if key in shared})
     allowed = METHOD_OPTIONS.get(method, frozenset())
     if "lambda" in shared:
         parameters["lambda"] = shared["lambda"]
@@ -260,10 +261,10 @@ def _fold_linear(method: str, adapters: list[dict[str, Any]], base_weight: float
 
 
 def _hoist_shared(adapters: list[dict[str, Any]], parameters: dict[str, Any]) -> None:
-    """A per-model value every adapter shares becomes the global parameter (weight stays per adapter)."""
+    """A per-model value every adapter gives alike becomes the global parameter (weight stays per adapter)."""
     for key in ("density", "gamma", "epsilon"):
         values = [a.get(key) for a in adapters]
-        if values and values[0] is not None and all(v == values[0] for v in values):
+        if values[0] is not None and all(v == values[0] for v in values):
             parameters[key] = values[0]
             for a in adapters:
                 del a[key]
