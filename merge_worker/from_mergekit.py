@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from merge_worker.spec import API_GROUP, API_VERSION, KIND, METHODS, METHOD_OPTIONS, SpecError, parse_resource
+from merge_worker.spec import (
+    API_GROUP, API_VERSION, KIND, METHOD_OPTIONS, METHODS, SpecError, _loc_to_path, parse_resource,
+)
 
 # mergekit's per-model ("non-base") parameters that AdapterMerge has per adapter, and its shared ones.
 PER_MODEL = ("weight", "density", "gamma", "epsilon")
@@ -41,8 +43,9 @@ MERGEKIT_PARAMETERS: dict[str, set[str]] = {
 }
 # Methods of mergekit with no translation, and why (docs/merging.md has the table).
 UNSUPPORTED = {
-    "slerp": "interpolates whole weights (base and one model), which is not a function of the task vectors;"
-             " with a base model, nuslerp of two adapters is the task-vector slerp",
+    "slerp": "interpolates whole weights: equal to linear with weights (1-t, t) only where their cosine"
+             " exceeds 0.9995, and off that branch its delta holds a full-rank multiple of the base weights"
+             " (docs/merging.md); nuslerp of two adapters with a base model is the task-vector slerp",
     "multislerp": "interpolates on the sphere of whole weights",
     "karcher": "averages whole weights on the sphere",
     "arcee_fusion": "selects by the KL divergence of whole-weight softmaxes",
@@ -55,13 +58,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
-class TranslationError(ValueError):
+class TranslationError(SpecError):
     """What cannot be translated; `field` is a path into the mergekit YAML (exit code 2)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class _Model(BaseModel):
@@ -210,7 +208,7 @@ def _parse(config: Any) -> MergekitConfig:
         return MergekitConfig.model_validate(config)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
+        field = _loc_to_path(err["loc"])
         message = "not a mergekit field AdapterMerge knows" if err["type"] == "extra_forbidden" else err["msg"]
         raise TranslationError(field or "<document>", message) from None
 
