@@ -89,7 +89,7 @@ class MergekitConfig(_Model):
 
 
 def translate(config: dict[str, Any], *, claim: str, output: str, name: str, root: Path | None = None,
-              output_format: str = "merged-model", rank: int | str | None = None) -> tuple[dict[str, Any], list[str]]:
+              output_format: str = "merged-model") -> tuple[dict[str, Any], list[str]]:
     """The AdapterMerge resource for a loaded mergekit YAML, and notes on what was dropped as harmless.
     Raises TranslationError naming the mergekit field."""
     cfg = _parse(config)
@@ -182,8 +182,6 @@ def translate(config: dict[str, Any], *, claim: str, output: str, name: str, roo
         "parameters": parameters,
         "output": {"path": output, "format": output_format},
     }
-    if rank is not None:
-        spec["output"]["rank"] = rank
     dtype = cfg.out_dtype or cfg.dtype
     if dtype is not None:
         field = "out_dtype" if cfg.out_dtype else "dtype"
