@@ -198,7 +198,12 @@ def pick_device(choice: str) -> torch.device:
 def merge_params(spec: AdapterMergeSpec) -> MergeParams:
     p = spec.parameters
     return MergeParams(method=spec.method, weights=tuple(spec.adapter_weights()), density=p.density,
-                       lambda_=p.lambda_, t=p.t, seed=p.seed)
+                       lambda_=p.lambda_, t=p.t, seed=p.seed,
+                       densities=tuple(a.density for a in spec.adapters),
+                       gammas=tuple(a.gamma for a in spec.adapters),
+                       epsilons=tuple(a.epsilon for a in spec.adapters),
+                       gamma=p.gamma, epsilon=p.epsilon, normalize=p.normalize, rescale=p.rescale,
+                       conventions=p.conventions, select_topk=p.select_topk)
 
 
 def _on_device(factors: list[LoraFactors | None], device: torch.device) -> list[torch.Tensor | None]:
