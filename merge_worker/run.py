@@ -278,7 +278,7 @@ def _write_merged_model(inputs: Inputs, folder: Path, device: torch.device, prog
     write_merged_model(
         folder, base, {m.name: m.kind for m in inputs.plan}, delta_for,
         {name: (lambda n=name: _saved_tensor_for(inputs, n, params)) for name in inputs.saved},
-        dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out,
+        dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out, pin_memory=device.type == "cuda",
     )
     return records
 
