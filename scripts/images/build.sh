@@ -95,10 +95,10 @@ for target in "${targets[@]}"; do
     rm -f "$archive.tmp"
     "${buildah[@]}" push --quiet "$image" "docker-archive:$archive.tmp:$image" >&2
     mv "$archive.tmp" "$archive"
-    # Keep the 3 most recently used archives of this target: other checkouts on this machine (a CI
+    # Keep the 2 most recently used archives of this target: other checkouts on this machine (a CI
     # clone beside a working copy) may be about to import theirs. Older ones go, with their image
     # tags; the layers they share with newer images stay in buildah's cache.
-    for old in $(ls -t "$cache/$target"-*.tar | tail -n +4); do
+    for old in $(ls -t "$cache/$target"-*.tar | tail -n +3); do
       old_key=${old##*/"$target"-}; old_key=${old_key%.tar}
       "${buildah[@]}" rmi "localhost/adaptermerge-$target:$old_key" >/dev/null 2>&1 || true
       rm -f "$old"
