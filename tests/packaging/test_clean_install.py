@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -34,7 +35,14 @@ def clean_venv(tmp_path_factory) -> Path:
     constraints = root / "constraints.txt"
     constraints.write_text(lock_as_constraints(REPO / "requirements" / "dev.txt"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
-    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(constraints), str(REPO)],
+    # A copy of what the distribution is made of: setuptools builds in the source folder (build/).
+    source = root / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, source / name)
+    for name in ("merge_worker", "operator"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(constraints), str(source)],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return venv
