@@ -6,6 +6,7 @@ base) relies on are typed; the rest is kept unread. Strict types: "16" is not a 
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -28,7 +29,7 @@ def _finite(value: float) -> float:
 def _compiles(key: str) -> str:
     try:
         compile_key(key)
-    except (ValueError, RecursionError, OverflowError) as exc:
+    except (re.error, ValueError, RecursionError, OverflowError) as exc:
         raise ValueError(f"key {key[:80]!r} is not a valid regular expression ({type(exc).__name__})") from None
     return key
 

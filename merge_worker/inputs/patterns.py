@@ -41,7 +41,7 @@ def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def first_matches(keys: list[str], modules: list[str], seconds: float = MATCH_SECONDS) -> dict[str, int | None]:
+def first_matches(keys: list[str], modules: list[str]) -> dict[str, int | None]:
     """For each module, the index of the first key matching it (PEFT's rule), or None."""
     plain = {}
     for index, key in enumerate(keys):
@@ -53,7 +53,7 @@ def first_matches(keys: list[str], modules: list[str], seconds: float = MATCH_SE
         # A plain key has no '.', so only the name's last part can equal it.
         found[module] = plain.get(module.rpartition(".")[2])
     if regex:
-        for module, index in zip(modules, _match_in_child(regex, modules, seconds)):
+        for module, index in zip(modules, _match_in_child(regex, modules, MATCH_SECONDS)):
             if index is not None and (found[module] is None or index < found[module]):
                 found[module] = index
     return found
