@@ -187,13 +187,16 @@ def _name_max(path: Path) -> int:
 
 def check_result_file(path: Path) -> None:
     """`--result-file` must be writable before anything runs: a run whose summary cannot be written
-    would otherwise fail after its output is published. Nothing is created or truncated here."""
+    would otherwise fail after its output is published. An existing file is opened for appending and
+    closed (nothing written); a missing one needs a writable folder (nothing created)."""
     path = Path(path)
     if os.path.lexists(path):
         if path.is_dir():
             raise SpecError("--result-file", f"{path} is a folder")
-        if not os.access(path, os.W_OK):
-            raise SpecError("--result-file", f"{path} is not writable")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            raise SpecError("--result-file", f"{path} cannot be written ({exc.strerror})") from None
         return
     parent = path.parent
     if not parent.is_dir():
