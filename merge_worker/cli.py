@@ -2,7 +2,8 @@
 CRD, or run the operator. See docs/cli.md.
 
 Imports stay light at module level (pydantic, PyYAML): the operator image has no torch, and `crd` /
-`operator` must work there. The worker (torch) is imported only by `run` and `validate`.
+`operator` must work there. The worker (torch) is imported only by `run`; `validate` reads the inputs
+with numpy and never imports torch.
 
 Exit codes (../shared/API.md): 0 done; 2 invalid input (the message names the field or path, nothing is
 written); 3 merge written but evaluation below minRetention; 1 anything else.
@@ -25,24 +26,11 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def load_spec_file(path: Path) -> AdapterMergeSpec:
-    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column."""
-    import yaml
+    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column.
+    Aliases, nesting deeper than MAX_SPEC_DEPTH and NUL bytes are refused (merge_worker.spec_yaml)."""
+    from merge_worker.spec_yaml import load_spec_document
 
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(str(path), f"cannot read the file: {exc}") from None
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise SpecError(where, f"malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
-    if len(documents) != 1:
-        raise SpecError(str(path), f"expected one YAML document (an AdapterMerge), found {len(documents)}")
-    return parse_resource(documents[0]).spec
+    return parse_resource(load_spec_document(Path(path))).spec
 
 
 def _installed_version() -> str:
@@ -79,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check the spec and every input without writing")
     with_inputs(validate)
+    validate.add_argument("--result-file", type=Path, metavar="PATH",
+                          help="check that run could write its result summary here (nothing is written)")
     validate.set_defaults(handler=_validate)
 
     convert = commands.add_parser(
@@ -134,6 +124,14 @@ def _run(args: argparse.Namespace) -> int:
                 exit_code, message, seconds=time.monotonic() - started))
         return exit_code
 
+    if args.result_file:
+        try:  # before anything else: an unwritable result file could not even report the error
+            from merge_worker.inputs.validation import check_result_file
+
+            check_result_file(args.result_file)
+        except SpecError as exc:
+            _error(str(exc))
+            return EXIT_INVALID
     previous_handler = _terminate_as_interrupt()
     try:
         spec = load_spec_file(args.file)
@@ -161,11 +159,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """The checks `run` makes before merging (the same function), without torch and writing nothing."""
     try:
+        from merge_worker.inputs.validation import check_result_file, load_inputs
+
+        if args.result_file:
+            check_result_file(args.result_file)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        from merge_worker.run import load_inputs
-
         inputs = load_inputs(spec, volumes)
     except SpecError as exc:
         _error(str(exc))

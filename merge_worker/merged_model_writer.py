@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from merge_worker.adapter_io import ModuleKind
+from merge_worker.adapter_io import ModuleKind, weight_name
 from merge_worker.base_weights import INDEX_FILE, SINGLE_FILE, BaseWeights
 from merge_worker.safetensors_stream import DTYPE_CODES
 
@@ -38,10 +38,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 _SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-
-
-def weight_name(module: str) -> str:
-    return f"{module}.weight"
 
 
 def apply_delta(weight: torch.Tensor, delta: torch.Tensor, kind: ModuleKind, fan_in_fan_out: bool) -> torch.Tensor:
