@@ -72,20 +72,24 @@ def test_a_job_the_api_refuses_fails_at_once_with_its_message(control_plane, nam
     assert "Traceback" not in operator.log_file.read_text(), operator.log()
 
 
-def test_a_pod_that_cannot_be_created_says_why_then_fails(control_plane, namespace, operator, claims):
-    """A missing PriorityClass: the Job exists, its pod is refused (FailedCreate events on the Job)."""
-    operator.restart(ADAPTERMERGE_SCHEDULING_TIMEOUT_SECONDS="20")
+@pytest.mark.parametrize("job, settings, why", [
+    ({"priorityClassName": "not-there"}, {}, "no PriorityClass with name not-there"),
+    ({}, {"ADAPTERMERGE_WORKER_SERVICE_ACCOUNT": "not-there"}, 'serviceaccount "not-there" not found'),
+], ids=["priority-class", "service-account"])
+def test_a_pod_that_cannot_be_created_says_why_then_fails(control_plane, namespace, operator, claims, job, settings, why):
+    """The Job exists but its pod is refused (the Job controller's FailedCreate events say why)."""
+    operator.restart(ADAPTERMERGE_SCHEDULING_TIMEOUT_SECONDS="20", **settings)
     claim = claims.make()
-    apply(control_plane, namespace, resource("nopriority", claim, job={"gpus": 0, "priorityClassName": "not-there"}))
+    apply(control_plane, namespace, resource("uncreatable", claim, job={"gpus": 0, **job}))
 
-    merge = wait_until(phase_is(control_plane, namespace, "nopriority", "Pending", reason="PodCreationFailed"),
+    merge = wait_until(phase_is(control_plane, namespace, "uncreatable", "Pending", reason="PodCreationFailed"),
                        "the status to say the pod cannot be created", operator, control_plane, 30)
-    assert "no PriorityClass with name not-there" in ready(merge)["message"]
-    merge = wait_until(phase_is(control_plane, namespace, "nopriority", "Failed"), "the scheduling timeout",
+    assert why in ready(merge)["message"]
+    merge = wait_until(phase_is(control_plane, namespace, "uncreatable", "Failed"), "the scheduling timeout",
                        operator, control_plane, 60)
-    assert ready(merge)["reason"] == "PodCreationFailed" and "not-there" in ready(merge)["message"]
+    assert ready(merge)["reason"] == "PodCreationFailed" and why in ready(merge)["message"]
     wait_until(lambda: not jobs(control_plane, namespace), "the Job to be stopped", operator, control_plane, 30)
-    assert "PodCreationFailed" in event_reasons(control_plane, namespace, "nopriority")
+    assert "PodCreationFailed" in event_reasons(control_plane, namespace, "uncreatable")
 
 
 def test_a_pod_no_node_fits_says_why_then_fails(control_plane, namespace, operator, claims, test_kubelet):
