@@ -132,6 +132,16 @@ class KubeApi:
             raise
         return True
 
+    def add_job_finalizer(self, namespace: str, name: str, finalizer: str) -> None:
+        """Adds `finalizer` to the Job (a strategic merge patch: finalizers merge as a set)."""
+        patch = {"metadata": {"finalizers": [finalizer]}}
+        try:
+            self.batch.patch_namespaced_job(name, namespace, patch, _content_type="application/strategic-merge-patch+json",
+                                            _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def remove_job_finalizer(self, namespace: str, name: str, finalizer: str) -> None:
         """Takes `finalizer` off the Job, leaving any other finalizer (e.g. foregroundDeletion) alone.
 

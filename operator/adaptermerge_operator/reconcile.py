@@ -105,8 +105,13 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
         spec = parse_spec(dict(merge["spec"]))
     except SpecError:
         return False  # refresh_status reports it; retrying cannot fix a spec
-    if ctx.run_job(merge) is not None:
-        return True  # adopted: it already runs (e.g. the operator restarted mid-merge)
+    adopted = ctx.run_job(merge)
+    if adopted is not None:  # it already runs (e.g. the operator restarted mid-merge)
+        job_meta = adopted["metadata"]
+        if names.FINALIZER not in (job_meta.get("finalizers") or []) and not job_meta.get("deletionTimestamp"):
+            # A Job made before the operator used finalizers (an upgrade): hold it like the others.
+            await ctx.api.run(ctx.api.add_job_finalizer, meta["namespace"], job_meta["name"], names.FINALIZER)
+        return True
     mine = outputs.claim(merge)
     conflict = outputs.conflict(mine, ctx.outputs.get(meta["namespace"], ())) if mine else ""
     if conflict:

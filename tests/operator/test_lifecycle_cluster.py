@@ -193,3 +193,20 @@ def test_the_rerun_annotation_runs_an_unchanged_spec_again(control_plane, namesp
     wait_until(lambda: [j["metadata"]["name"] for j in jobs(control_plane, namespace)] == [second["status"]["jobName"]],
                "the first run's Job to be retired", operator, control_plane, 60)
     assert json.loads(manifest.read_text())["r"] == 4
+
+
+def test_an_adopted_job_without_the_finalizer_gets_it(control_plane, namespace, operator, claims):
+    """A Job made by an operator version without finalizers (an upgrade) is held like the others."""
+    claim = claims.make(hold=True)
+    apply(control_plane, namespace, resource("upgraded", claim, job={"gpus": 0}))
+    wait_until(phase_is(control_plane, namespace, "upgraded", "Running"), "the merge to run", operator, control_plane)
+    operator.stop()
+    control_plane.kubectl("patch", "job", "upgraded-1", "-n", namespace, "--type=json",
+                          "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+
+    operator.start()
+    wait_until(lambda: "adaptermerge.io/verdict" in (get(control_plane, namespace, "job", "upgraded-1")["metadata"]
+                                                     .get("finalizers") or []),
+               "the finalizer on the adopted Job", operator, control_plane, 60)
+    claims.release(claim)
+    wait_until(phase_is(control_plane, namespace, "upgraded", "Succeeded"), "the merge", operator, control_plane)

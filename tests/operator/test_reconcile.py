@@ -64,7 +64,8 @@ def context(api, settings, jobs=(), pods=()):
 
 
 def job_in_index(name, generation):
-    return {"metadata": {"name": name, "labels": {names.LABEL_GENERATION: str(generation)}}, "status": {}}
+    return {"metadata": {"name": name, "labels": {names.LABEL_GENERATION: str(generation)},
+                         "finalizers": [names.FINALIZER]}, "status": {}}
 
 
 def test_creates_the_configmap_before_the_job(objects, settings, events):
