@@ -36,6 +36,11 @@ class Rejected(Exception):
     The message is the API server's own."""
 
 
+class Forbidden(Exception):
+    """The API server refused the request for now (HTTP 403: a ResourceQuota, an admission policy,
+    RBAC). The message is the API server's own; a retry may succeed once that changes."""
+
+
 def _api_message(exc: ApiException) -> str:
     try:
         return json.loads(exc.body)["message"]
@@ -110,6 +115,8 @@ class KubeApi:
                 raise AlreadyExists(obj["metadata"]["name"]) from None
             if exc.status in (400, 422):
                 raise Rejected(_api_message(exc)) from None
+            if exc.status == 403:
+                raise Forbidden(_api_message(exc)) from None
             raise
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -22,11 +22,13 @@ import kopf
 from merge_worker.spec import SpecError, parse_spec
 
 from adaptermerge_operator import job_manifest, names, outputs, status
-from adaptermerge_operator.kube import AlreadyExists, Conflict, KubeApi, Rejected
+from adaptermerge_operator.kube import AlreadyExists, Conflict, Forbidden, KubeApi, Rejected
 from adaptermerge_operator.settings import Settings
 
 # Status updates retried on a conflicting write before giving up until the next event.
 MAX_CONFLICTS = 8
+# Seconds between attempts to create a Job the API server forbids for now (e.g. a full ResourceQuota).
+FORBIDDEN_RETRY_SECONDS = 15
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,11 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
         facts = status.Facts(job_rejected=str(refused))
         await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], facts)
         return False
+    except Forbidden as forbidden:
+        # Not final (a quota may free up): say so in the status and let kopf retry the handler.
+        facts = status.Facts(job_forbidden=str(forbidden))
+        await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], facts)
+        raise kopf.TemporaryError(f"creating Job {run}: {forbidden}", delay=FORBIDDEN_RETRY_SECONDS) from None
     if created:
         kopf.event(merge, type="Normal", reason="JobCreated", message=f"created Job {run}")
     return True

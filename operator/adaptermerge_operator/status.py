@@ -52,6 +52,7 @@ class Facts:
     """What the operator learned from the API besides the Job and its pods."""
 
     job_rejected: str = ""  # the API server's message when it refused to create the Job
+    job_forbidden: str = ""  # its message when it forbade the Job for now (a quota): retried
     output_conflict: str = ""  # why another resource holds this output
     pod_creation_failure: tuple[str, str] | None = None  # (message, since) of the Job's FailedCreate events
     scheduling_timeout: int = 0  # seconds a pod may wait for a node (or to be created); 0: forever
@@ -206,6 +207,9 @@ def judge(
         return Verdict("Failed", "JobRejected", f"the API server refused the merge Job: {facts.job_rejected}")
     if facts.output_conflict:
         return Verdict("Failed", "OutputConflict", facts.output_conflict)
+    if job is None and facts.job_forbidden:
+        return Verdict("Pending", "JobForbidden", f"the API server does not allow the merge Job yet, retrying: "
+                                                  f"{facts.job_forbidden}")
     if job is None:
         return Verdict("Pending", "JobPending", "creating the merge Job")
     if _true_condition(job, "Complete", "SuccessCriteriaMet"):

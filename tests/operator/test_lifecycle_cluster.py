@@ -210,3 +210,23 @@ def test_an_adopted_job_without_the_finalizer_gets_it(control_plane, namespace, 
                "the finalizer on the adopted Job", operator, control_plane, 60)
     claims.release(claim)
     wait_until(phase_is(control_plane, namespace, "upgraded", "Succeeded"), "the merge", operator, control_plane)
+
+
+def test_a_job_a_quota_forbids_is_reported_and_retried(control_plane, namespace, operator, claims):
+    """A 403 on create (here a ResourceQuota on Jobs) may pass later: Pending with the API's message,
+    retried, and the merge runs once the quota allows it."""
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs"},
+             "spec": {"hard": {"count/jobs.batch": "0"}}}
+    apply(control_plane, namespace, quota)
+    # The quota controller does not run here: its usage is written by hand, as that controller would.
+    usage = {"status": {"hard": {"count/jobs.batch": "0"}, "used": {"count/jobs.batch": "0"}}}
+    control_plane.kubectl("patch", "resourcequota", "no-jobs", "-n", namespace, "--subresource=status",
+                          "--type=merge", "-p", json.dumps(usage))
+    claim = claims.make()
+    apply(control_plane, namespace, resource("quota", claim, job={"gpus": 0}))
+    merge = wait_until(phase_is(control_plane, namespace, "quota", "Pending", reason="JobForbidden"),
+                       "the status to say the Job is forbidden", operator, control_plane, 60)
+    assert "quota" in ready(merge)["message"] and jobs(control_plane, namespace) == []
+
+    control_plane.kubectl("delete", "resourcequota", "no-jobs", "-n", namespace)
+    wait_until(phase_is(control_plane, namespace, "quota", "Succeeded"), "the merge", operator, control_plane)
