@@ -45,12 +45,23 @@ def load_spec_file(path: Path) -> AdapterMergeSpec:
     return parse_resource(documents[0]).spec
 
 
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject's), read from its metadata: no torch import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adaptermerge")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptermerge", description="Merge PEFT LoRA adapters in delta-W space.",
         epilog="exit codes: 0 done, 1 failure, 2 invalid input (nothing written), "
                "3 merge written but evaluation below minRetention",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_inputs(p: argparse.ArgumentParser) -> None:
