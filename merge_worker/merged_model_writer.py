@@ -17,6 +17,7 @@ import torch
 
 from merge_worker.adapter_io import ModuleKind
 from merge_worker.base_weights import INDEX_FILE, SINGLE_FILE, BaseWeights
+from merge_worker.output.finite import cast_finite
 from merge_worker.safetensors_stream import SafetensorsStreamWriter
 
 DEFAULT_SHARD_BYTES = 4 << 30
@@ -58,14 +59,18 @@ def write_merged_model(
     shards = _ShardedWriter(folder, max_shard_bytes)
     try:
         for name in base.names():
+            copied_from = None  # the input field a tensor copied unchanged comes from
             if name in by_weight:
                 module = by_weight[name]
                 tensor = apply_delta(base.get(name), delta_for(module), modules[module], fan_in_fan_out)
+                what = f"merged weight {name} (base + merged delta)"
             elif name in saved:
                 tensor = saved[name]()  # it reads the base tensor itself; loading it here too is waste
+                what = f"modules_to_save tensor {name}"
             else:
                 tensor = base.get(name)
-            shards.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                what, copied_from = f"base model tensor {name}", "spec.baseModel.path"
+            shards.add(name, cast_finite(tensor, dtype, what, copied_from=copied_from))
         written = shards.close()
     except BaseException:
         shards.abort()

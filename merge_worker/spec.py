@@ -142,6 +142,11 @@ class EvalDataset(PathRef):
 class Evaluation(_Model):
     datasets: list[EvalDataset] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
     min_retention: float | None = None
+    publish_below_threshold: bool = Field(
+        default=True,
+        description="Publish an output whose retention falls below minRetention (the run still ends "
+                    "RetentionBelowThreshold). false: such an output is discarded and any existing one kept.",
+    )
     batch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
 
