@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merge_worker.result import build_result, write_result_file
+from merge_worker.result import build_result, printable, write_result_file
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_resource
 from merge_worker.volumes import Volumes
 
@@ -103,7 +103,7 @@ def _quiet_optional_kernel_warnings() -> None:
 
 
 def _error(message: str) -> None:
-    print(f"adaptermerge: error: {message}", file=sys.stderr, flush=True)
+    print(f"adaptermerge: error: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:

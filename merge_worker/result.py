@@ -87,11 +87,15 @@ def _cut(result: dict[str, Any], key: str, max_bytes: int) -> str:
     return text[:low] + _CUT
 
 
-def _printable(value: Any) -> Any:
+def printable(text: str) -> str:
     """Lone surrogates (undecodable bytes of an OS path, which Python keeps as \\udcNN) cannot be
-    encoded as UTF-8: show them as \\xNN, which also tells the reader which byte it was."""
+    encoded as UTF-8: shown as \\xNN, which also tells the reader which byte it was."""
+    return _SURROGATE.sub(_escape, text)
+
+
+def _printable(value: Any) -> Any:
     if isinstance(value, str):
-        return _SURROGATE.sub(_escape, value)
+        return printable(value)
     if isinstance(value, dict):
         return {_printable(k): _printable(v) for k, v in value.items()}
     if isinstance(value, list):
