@@ -7,7 +7,8 @@ temporary folders the run has (or may have) created, `.<name>.tmp-<8 hex>` and `
 A run killed by SIGKILL or the OOM killer leaves the lock file with that record, and the kernel drops
 its lock; the next run for the same output takes the lock, removes exactly the recorded folders (only
 real folders of that name pattern, directly beside the output, never one holding an input) and goes on.
-A lock held by a live run means another run is writing the output now: a conflict, nothing is touched.
+A lock held by a live run means another run is writing the output now: a conflict (nothing is touched),
+except that a run of the same owner (the previous generation, being stopped) is waited for.
 
 Publishing: every file and folder of the temporary folder is fsynced, the folder is renamed into place
 (an existing output is swapped with it atomically, renameat2 RENAME_EXCHANGE, then deleted), and the
@@ -39,6 +40,20 @@ _TOKEN_HEX = 8
 # The longest suffix added to the output's name (".<name>.adaptermerge-lock", ".<name>.tmp-<8 hex>").
 MAX_NAME_BYTES = 255 - 1 - max(len(LOCK_SUFFIX), len(".tmp-") + _TOKEN_HEX)
 _MAX_LOCK_BYTES = 1 << 16
+# A deleted pod gets SIGTERM, then SIGKILL after its grace period (30 s by default): a new generation of
+# the same resource waits this long for the previous one to let go of the output.
+SAME_OWNER_WAIT_SECONDS = 120.0
+_UNKNOWN_HOLDER_WAIT_SECONDS = 5.0
+_LOCK_POLL_SECONDS = 0.2
+
+
+def _describe(holder: dict) -> str:
+    try:
+        owner = holder.get("owner")
+        who = f"owner {owner['namespace']}/{owner['name']} (uid {owner['uid']}), " if owner else ""
+        return f"{who}pid {holder['pid']} on {holder['host']}, since {holder['startedAt']}"
+    except (KeyError, TypeError):
+        return "its lock file is being written"
 
 
 def check_name_fits(output: Path, field: str) -> None:
@@ -86,6 +101,8 @@ class OutputSlot:
             raise
 
     def _take_lock(self) -> int:
+        started = time.monotonic()
+        waiting_logged = False
         while True:
             try:
                 fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -94,10 +111,16 @@ class OutputSlot:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = self._describe_holder(fd)
+                holder = self._holder(fd)
                 os.close(fd)
-                raise OutputConflict(self._field, f"another run is writing {self.output} now ({holder}); "
-                                                  "not touched") from None
+                if time.monotonic() - started >= self._patience(holder):
+                    raise OutputConflict(self._field, f"another run is writing {self.output} now "
+                                                      f"({_describe(holder)}); not touched") from None
+                if not waiting_logged and holder:
+                    log(f"waiting for the previous run of this resource to end ({_describe(holder)})")
+                    waiting_logged = True
+                time.sleep(_LOCK_POLL_SECONDS)
+                continue
             # The previous holder may have removed the file between our open and our lock: retry.
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self._lock_path, follow_symlinks=False))
@@ -106,6 +129,24 @@ class OutputSlot:
             if same:
                 return fd
             os.close(fd)
+
+    def _patience(self, holder: dict) -> float:
+        """How long to wait for a live holder: a run of the same resource (its previous generation,
+        being stopped) for as long as Kubernetes takes to kill it; a holder whose record is not written
+        yet, briefly; anyone else not at all."""
+        owner = holder.get("owner") or {}
+        if self._owner is not None and owner.get("uid") == self._owner.uid:
+            return SAME_OWNER_WAIT_SECONDS
+        return 0 if holder else _UNKNOWN_HOLDER_WAIT_SECONDS
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        """The live holder's record; {} while it is still being written."""
+        try:
+            record = json.loads(os.pread(fd, _MAX_LOCK_BYTES, 0))
+        except ValueError:
+            return {}
+        return record if isinstance(record, dict) else {}
 
     def _read_record(self) -> dict:
         """A dead predecessor's record (empty for a new lock file); anything else is not ours: refused."""
@@ -120,15 +161,6 @@ class OutputSlot:
             pass
         raise SpecError(self._field, f"{self._lock_path} exists and is not an adaptermerge lock file; "
                                      "it is left alone and nothing is written")
-
-    def _describe_holder(self, fd: int) -> str:
-        try:
-            record = json.loads(os.pread(fd, _MAX_LOCK_BYTES, 0))
-            owner = record.get("owner")
-            who = f"owner {owner['namespace']}/{owner['name']} (uid {owner['uid']}), " if owner else ""
-            return f"{who}pid {record['pid']} on {record['host']}, since {record['startedAt']}"
-        except (ValueError, KeyError, TypeError):
-            return "its lock file is being written"
 
     def _write_record(self) -> None:
         record = {

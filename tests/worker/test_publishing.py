@@ -52,7 +52,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 class HeldRun:
-    def __init__(self, tmp_path: Path, store: Path, where: str, seconds: float = 600):
+    def __init__(self, tmp_path: Path, store: Path, where: str, seconds: float = 600, *extra: str):
         spec_file = tmp_path / "held.yaml"
         spec_file.write_text(yaml.safe_dump({"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge",
                                              "spec": {"volume": {"claimName": "store"}, **SPEC}}))
@@ -60,7 +60,7 @@ class HeldRun:
         self.result_file = tmp_path / f"result-{where}.json"
         self.process = subprocess.Popen(
             [sys.executable, "-c", _HELD_RUN, str(self.ready), where, str(seconds), "run", str(spec_file),
-             "--volume", f"store={store}", "--device", "cpu", "--result-file", str(self.result_file)],
+             "--volume", f"store={store}", "--device", "cpu", "--result-file", str(self.result_file), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
         while not self.ready.exists():
@@ -122,6 +122,25 @@ def test_a_live_run_is_a_conflict_and_its_folder_is_left_alone(store, adaptermer
         assert _listing(store / "merged") == before
     finally:
         held.signal(signal.SIGKILL)
+
+
+def test_a_new_generation_waits_for_its_previous_run_to_end(store, adaptermerge, tmp_path):
+    import threading
+
+    owner = "team-a/dev-assistant/1111-aaaa"
+    held = HeldRun(tmp_path, store, "merging", 600, "--owner", owner)
+    # The previous generation's pod is killed a little later, as the kubelet does after the grace period.
+    killer = threading.Timer(2.0, held.process.kill)
+    killer.start()
+    try:
+        run = adaptermerge("run", SPEC, store, "--owner", owner)
+    finally:
+        killer.cancel()
+        held.process.kill()
+        held.process.communicate()
+    assert run.code == 0, run.err
+    assert "waiting for the previous run of this resource" in run.err
+    assert _listing(store / "merged") == ["out"]
 
 
 def test_sigterm_after_publishing_reports_the_published_output(store, tmp_path, old_output):
