@@ -5,19 +5,15 @@ written is finite after the cast to output.dtype. Through the real CLI."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-SPEC = {
-    "baseModel": {"path": "models/tiny"},
-    "adapters": [{"name": "a", "path": "adapters/a", "weight": 0.6},
-                 {"name": "b", "path": "adapters/b", "weight": 0.4}],
-    "method": "linear",
-    "output": {"path": "merged/out", "rank": 4, "overwrite": True},
-}
+from support.merge_specs import LINEAR_TWO_ADAPTERS, with_output
+
+
+SPEC = with_output(LINEAR_TWO_ADAPTERS, overwrite=True)
 
 
 def _tree(folder):

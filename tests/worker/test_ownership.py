@@ -9,13 +9,10 @@ import types
 
 import pytest
 
-SPEC = {
-    "baseModel": {"path": "models/tiny"},
-    "adapters": [{"name": "a", "path": "adapters/a", "weight": 0.6},
-                 {"name": "b", "path": "adapters/b", "weight": 0.4}],
-    "method": "linear",
-    "output": {"path": "merged/out", "rank": 4},
-}
+from support.merge_specs import LINEAR_TWO_ADAPTERS
+
+
+SPEC = LINEAR_TWO_ADAPTERS
 MINE, THEIRS = "team-a/dev-assistant/1111-aaaa", "team-b/other/2222-bbbb"
 
 

@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-SPEC = {
-    "baseModel": {"path": "models/tiny"},
-    "adapters": [{"name": "a", "path": "adapters/a", "weight": 0.6},
-                 {"name": "b", "path": "adapters/b", "weight": 0.4}],
-    "method": "linear",
-    "output": {"path": "merged/out", "rank": 4, "overwrite": True},
-}
+from support.merge_specs import LINEAR_TWO_ADAPTERS, with_output
+
+
+SPEC = with_output(LINEAR_TWO_ADAPTERS, overwrite=True)
 
 # Runs the real CLI in a child process, held at one point of the run until the test acts.
 _HELD_RUN = """
