@@ -59,12 +59,12 @@ def check_spares_inputs(output: Path, protected: list[ProtectedPath], field: str
     for item in protected:
         if not os.path.lexists(item.path):
             continue
-        lineage = _lineage(item.path)
+        real = Path(os.path.realpath(item.path))  # also named so in messages: a loader's view path is not
+        lineage = _lineage(real)
         if own is not None and own in lineage:
-            inner = lineage[own]
-            how = "is" if inner == Path(os.path.realpath(item.path)) else "contains"
-            raise SpecError(field, f"{output} {how} the input {item.path} ({item.field}); it is never "
+            how = "is" if lineage[own] == real else "contains"
+            raise SpecError(field, f"{output} {how} the input {real} ({item.field}); it is never "
                                    "replaced or deleted, even with overwrite")
-        if os.path.isdir(item.path) and _identity(item.path) in above:
-            raise SpecError(field, f"{output} lies inside the input {item.path} ({item.field}); an output "
+        if real.is_dir() and _identity(real) in above:
+            raise SpecError(field, f"{output} lies inside the input {real} ({item.field}); an output "
                                    "never writes into an input")

@@ -37,8 +37,6 @@ from merge_worker.spec import SpecError
 
 LOCK_SUFFIX = ".adaptermerge-lock"
 _TOKEN_HEX = 8
-# The longest suffix added to the output's name (".<name>.adaptermerge-lock", ".<name>.tmp-<8 hex>").
-MAX_NAME_BYTES = 255 - 1 - max(len(LOCK_SUFFIX), len(".tmp-") + _TOKEN_HEX)
 _MAX_LOCK_BYTES = 1 << 16
 # A deleted pod gets SIGTERM, then SIGKILL after its grace period (30 s by default): a new generation of
 # the same resource waits this long for the previous one to let go of the output.
@@ -54,13 +52,6 @@ def _describe(holder: dict) -> str:
         return f"{who}pid {holder['pid']} on {holder['host']}, since {holder['startedAt']}"
     except (KeyError, TypeError):
         return "its lock file is being written"
-
-
-def check_name_fits(output: Path, field: str) -> None:
-    """The temporary names beside the output must fit the file system's 255-byte name limit."""
-    if len(os.fsencode(output.name)) > MAX_NAME_BYTES:
-        raise SpecError(field, f"the output's name is {len(os.fsencode(output.name))} bytes long; at most "
-                               f"{MAX_NAME_BYTES} leave room for the temporary names beside it")
 
 
 def _sibling(output: Path, kind: str) -> Path:
