@@ -49,7 +49,8 @@ def apply_delta(weight: torch.Tensor, delta: torch.Tensor, kind: ModuleKind, fan
     return weight.to(delta.device, non_blocking=True).to(torch.float32) + delta.to(torch.float32)
 
 
-def to_output_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str, copied_from: str | None = None) -> torch.Tensor:
+def to_output_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str,
+                    copied_from: str | None = None) -> torch.Tensor:
     """The one place where an output tensor takes the output dtype (integer tensors keep theirs), checked
     finite after the cast (merge_worker/output/finite.py; `what` names it in the error)."""
     return cast_finite(tensor, dtype, what, copied_from=copied_from)

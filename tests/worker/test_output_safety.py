@@ -104,7 +104,8 @@ def _scale_tensors(path, factor, keys):
 
 
 def _written_finite(folder) -> bool:
-    return all(torch.isfinite(t.float()).all() for f in folder.glob("*.safetensors") for t in load_file(str(f)).values())
+    tensors = [t for f in folder.glob("*.safetensors") for t in load_file(str(f)).values()]
+    return bool(tensors) and all(torch.isfinite(t.float()).all() for t in tensors)
 
 
 def test_merged_factors_beyond_float16_are_an_input_error_not_inf(store, adaptermerge):
