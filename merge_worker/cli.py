@@ -12,15 +12,18 @@ written); 3 merge written but evaluation below minRetention; 1 anything else.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from merge_worker.result import build_result, write_result_file
+from merge_worker.result import build_result, printable, write_result_file
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_resource
 from merge_worker.volumes import Volumes
+
+if TYPE_CHECKING:
+    from merge_worker.output.ownership import Owner
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("file", type=Path, help="an AdapterMerge YAML file")
         p.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
                        help="map a claim named in the spec to a local folder (repeatable)")
+        p.add_argument("--owner", metavar="NAMESPACE/NAME/UID",
+                       help="the resource the output belongs to (the operator passes it): its earlier output "
+                            "is replaced without overwrite, another resource's never")
 
     run = commands.add_parser("run", help="run the merge a YAML file describes, on this machine")
     with_inputs(run)
@@ -112,16 +118,26 @@ def _quiet_optional_kernel_warnings() -> None:
 
 
 def _error(message: str) -> None:
-    print(f"adaptermerge: error: {message}", file=sys.stderr, flush=True)
+    print(f"adaptermerge: error: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from merge_worker.output import termination
+
+    previous_handlers = termination.install()
+    try:
+        return _run_and_report(args)
+    finally:
+        termination.restore(previous_handlers)
+
+
+def _run_and_report(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
-    def report(exit_code: int, message: str) -> int:
+    def report(exit_code: int, message: str, **details) -> int:
         if args.result_file:
             write_result_file(args.result_file, build_result(
-                exit_code, message, seconds=time.monotonic() - started))
+                exit_code, message, seconds=time.monotonic() - started, **details))
         return exit_code
 
     if args.result_file:
@@ -132,17 +148,18 @@ def _run(args: argparse.Namespace) -> int:
         except SpecError as exc:
             _error(str(exc))
             return EXIT_INVALID
-    previous_handler = _terminate_as_interrupt()
     try:
+        owner = _owner(args.owner)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
         from merge_worker.run import run_merge
 
-        outcome = run_merge(spec, volumes, device=args.device)
+        outcome = run_merge(spec, volumes, device=args.device, owner=owner, spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
-        return report(EXIT_INVALID, str(exc))
+        return report(EXIT_INVALID, str(exc), field=exc.field, reason=getattr(exc, "reason", None))
     except KeyboardInterrupt:
+        # Interrupts raise only before the output is published (merge_worker/output/termination.py).
         _error("interrupted; nothing was written")
         return report(EXIT_FAILED, "interrupted; nothing was written")
     except Exception as exc:  # noqa: BLE001 - any other failure: exit 1 with the reason
@@ -150,12 +167,17 @@ def _run(args: argparse.Namespace) -> int:
         message = f"merge failed: {type(exc).__name__}: {exc}"
         _error(message)
         return report(EXIT_FAILED, message)
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     if args.result_file:
         write_result_file(args.result_file, outcome.result)
     return outcome.exit_code
+
+
+def _owner(value: str | None) -> Owner | None:
+    if value is None:
+        return None
+    from merge_worker.output.ownership import Owner
+
+    return Owner.parse(value)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -167,7 +189,7 @@ def _validate(args: argparse.Namespace) -> int:
             check_result_file(args.result_file)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        inputs = load_inputs(spec, volumes)
+        inputs = load_inputs(spec, volumes, owner=_owner(args.owner), spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
         return EXIT_INVALID
@@ -199,19 +221,6 @@ def _crd(args: argparse.Namespace) -> int:
 
     sys.stdout.write(crd_yaml())
     return EXIT_OK
-
-
-def _terminate_as_interrupt():
-    """SIGTERM (a deleted pod) unwinds like Ctrl-C, so the temp folder is removed on the way out.
-    Returns the previous handler (None where signals cannot be set: not the main thread)."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:
-        return None
 
 
 if __name__ == "__main__":

@@ -10,11 +10,7 @@ model, evaluation datasets, the output's existence) is checked before anything i
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +26,11 @@ from merge_worker.factors import LoraFactors, MergeParams
 from merge_worker.inputs.validation import Inputs, load_inputs
 from merge_worker.manifest import FileDigests, build_manifest, describe_input, write_manifest
 from merge_worker.merged_model_writer import write_merged_model
+from merge_worker.output import termination
+from merge_worker.output.overlap import OUTPUT_FIELD
+from merge_worker.output.ownership import Owner
+from merge_worker.output.publish import OutputSlot
+from merge_worker.output.target import check_target
 from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, log, merge_summary
 from merge_worker.result import build_result
 from merge_worker.spec import AdapterMergeSpec, SpecError
@@ -146,38 +147,6 @@ def _write_merged_model(inputs: Inputs, folder: Path, device: torch.device, prog
 # -- publishing ------------------------------------------------------------------------------------
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def publish(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Moves the finished temp folder into place; an existing output (overwrite: true) is swapped out
-    atomically and then deleted, so readers see the old or the new folder, never a mix."""
-    if not output.exists():
-        os.rename(tmp, output)  # fails (ENOTEMPTY) if someone created a non-empty folder meanwhile
-        return
-    if not overwrite:
-        raise SpecError("spec.output.path", f"{output} appeared during the merge; not replaced")
-    if _exchange(tmp, output):
-        shutil.rmtree(tmp)  # tmp now holds the previous output
-        return
-    old = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-    os.rename(output, old)
-    os.rename(tmp, output)
-    shutil.rmtree(old)
-
-
 def _make_parents(folder: Path) -> list[Path]:
     """Creates missing parent folders; returns those it created (deepest last) to undo on failure."""
     missing = []
@@ -201,12 +170,12 @@ class Outcome:
 
 
 def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto", print_out: Log = print,
-              tty: bool | None = None) -> Outcome:
+              tty: bool | None = None, owner: Owner | None = None, spec_file: Path | None = None) -> Outcome:
     """Runs a validated spec. Raises SpecError for bad input (nothing written); other exceptions are
     failures (nothing left behind either)."""
     started = time.monotonic()
     timings: dict[str, float] = {}
-    inputs = load_inputs(spec, volumes)
+    inputs = load_inputs(spec, volumes, owner=owner, spec_file=spec_file)
     torch_device = pick_device(device)
     timings["validate"] = time.monotonic() - started
     log(f"{len(inputs.adapters)} adapters, {len(inputs.plan)} modules, method {spec.method}, "
@@ -214,39 +183,63 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
 
     output = inputs.output_path
     created = _make_parents(output.parent)
-    tmp = output.parent / f".{output.name}.tmp-{secrets.token_hex(4)}"
+    slot = OutputSlot(output, owner, inputs.protected, OUTPUT_FIELD)
     digests = FileDigests(_input_files(inputs))
     try:
-        tmp.mkdir()
-        records, evaluation, manifest = _build(inputs, tmp, torch_device, timings, tty, digests)
-        publish(tmp, output, spec.output.overwrite)
+        slot.open()
+        records, evaluation, manifest = _build(inputs, slot.tmp, torch_device, timings, tty, digests)
+        passed = evaluation is None or bool(evaluation.get("passed"))
+        published = passed or spec.evaluation.publish_below_threshold
+        if published:
+            # Decided again: the output may have appeared (or changed hands) during the merge.
+            slot.publish(check_target(spec, output, inputs.protected, owner))
+        else:
+            raise _NotPublished
+    except _NotPublished:
+        _discard(slot, created)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(created):
-            _rmdir_if_empty(folder)
+        _discard(slot, created)
         raise
+    else:
+        slot.close()
     finally:
         digests.close()
     seconds = time.monotonic() - started
     print_out(merge_summary(records, seconds))
     if evaluation is not None:
         print_out(evaluation_summary(evaluation))
-    passed = evaluation is None or bool(evaluation.get("passed"))
     exit_code = 0 if passed else 3
-    message = f"merged {len(records)} modules with {spec.method} into {spec.output.path}"
+    message = f"merged {len(records)} modules with {spec.method}"
+    message += f" into {spec.output.path}" if published else f"; {spec.output.path} was not published"
     if not passed:
         message += f"; evaluation below minRetention {spec.evaluation.min_retention}"
+        if not published:
+            message += " and spec.evaluation.publishBelowThreshold is false"
+    if termination.noted_signal():
+        message += f"; {termination.noted_signal()} arrived after the output was published, so the run finished"
     log(message)
     result = build_result(
         exit_code, message, seconds=seconds, modules=len(records),
         max_reconstruction_error=max((r.relative_error for r in records), default=0.0),
         rank=spec.output.rank if spec.output.format == "adapter" else None,  # a merged model has no rank
-        output={"claimName": spec.claim_of(spec.output), "path": spec.output.path, "format": spec.output.format},
+        output={"claimName": spec.claim_of(spec.output), "path": spec.output.path,
+                "format": spec.output.format} if published else None,
+        published=published,
         retention=None if evaluation is None else {
             name: d.get("retention") for name, d in evaluation.get("datasets", {}).items()
         },
     )
     return Outcome(exit_code, result, output, manifest)
+
+
+class _NotPublished(Exception):
+    """Evaluation fell below minRetention and the spec asks not to publish such an output."""
+
+
+def _discard(slot: OutputSlot, created: list[Path]) -> None:
+    slot.abort()
+    for folder in reversed(created):
+        _rmdir_if_empty(folder)
 
 
 def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, float], tty: bool | None,
@@ -272,7 +265,7 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
         inputs=_describe_inputs(inputs, digests),
         device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
-        evaluation=evaluation,
+        evaluation=evaluation, owner=None if inputs.owner is None else inputs.owner.to_json(),
     )
     write_manifest(tmp, manifest)
     return records, evaluation, manifest

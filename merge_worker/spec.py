@@ -220,6 +220,9 @@ class Evaluation(_Model):
     """One dataset per skill to score."""
     min_retention: float | None = None
     """Fail (exit 3, RetentionBelowThreshold) when any dataset's retention is below this."""
+    publish_below_threshold: bool = True
+    """Publish an output whose retention is below minRetention (the run still ends RetentionBelowThreshold).
+    false: such an output is discarded, and an existing output stays as it was."""
     batch_size: int = Field(default=8, ge=1)
     """Rows scored per forward pass."""
     max_new_tokens: int = Field(default=64, ge=1)

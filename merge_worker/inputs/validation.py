@@ -24,6 +24,9 @@ from merge_worker.adapter_io import (
 from merge_worker.base_weights import BaseWeights, BaseWeightsError
 from merge_worker.eval_datasets import read_jsonl
 from merge_worker.inputs.volume_files import FolderView, InputFolder, PathRefused
+from merge_worker.output.overlap import ProtectedPath
+from merge_worker.output.ownership import Owner
+from merge_worker.output.target import check_target, protected_inputs
 from merge_worker.spec import AdapterMergeSpec, SpecError
 from merge_worker.volumes import Volumes
 
@@ -45,10 +48,15 @@ class Inputs:
     dataset_paths: list[Path]  # paths that read the very files that were checked
     output_path: Path
     views: list[FolderView] = field(default_factory=list)  # keeps dataset_paths' folders alive
+    protected: list[ProtectedPath] = field(default_factory=list)  # what the output may never replace
+    owner: Owner | None = None  # the resource the output belongs to (--owner)
 
 
-def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
-    """Resolves and checks every input of `spec`; raises SpecError naming the field at fault."""
+def load_inputs(spec: AdapterMergeSpec, volumes: Volumes, *, owner: Owner | None = None,
+                spec_file: Path | None = None) -> Inputs:
+    """Resolves and checks every input of `spec`; raises SpecError naming the field at fault.
+    owner: the resource the output belongs to (--owner); spec_file: the YAML file, which the output may
+    not replace either."""
     adapter_folders = [
         volumes.open_folder(spec, a, f"spec.adapters[{i}].path") for i, a in enumerate(spec.adapters)
     ]
@@ -83,7 +91,10 @@ def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
     _check_against_base(spec, adapters, plan, saved, base)
     for i, (ref, file) in enumerate(zip(spec.evaluation.datasets if spec.evaluation else [], datasets)):
         read_jsonl(file, f"spec.evaluation.datasets[{i}].path", ref.max_examples)  # evaluation reads it again
-    _check_output(spec, output_path, [f.real for f in adapter_folders] + ([base_folder.real] if base_folder else []))
+    protected = protected_inputs(
+        [f.real for f in adapter_folders], [a.files() for a in adapters], base_folder.real if base_folder else None,
+        base.files() if base else [], [f.path for f in datasets], spec_file)
+    _check_output(spec, output_path, protected, owner)
     for ref, folder, adapter in zip(spec.adapters, adapter_folders, adapters):
         volumes.remember_view(spec, ref, adapter.view)
     if base is not None:
@@ -91,7 +102,7 @@ def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
     views = [FolderView([file]) for file in datasets]
     return Inputs(spec, volumes, adapters, [f.real for f in adapter_folders], plan, saved, base,
                   base_folder.real if base_folder else None, [v / f.name for v, f in zip(views, datasets)],
-                  output_path, views)
+                  output_path, views, protected, owner)
 
 
 def _open_base(spec: AdapterMergeSpec, folder: InputFolder, saved: dict[str, tuple[bool, ...]]) -> BaseWeights:
@@ -151,10 +162,7 @@ def _check_against_base(
                 )
 
 
-def _check_output(spec: AdapterMergeSpec, output: Path, inputs: list[Path]) -> None:
-    for path in inputs:
-        if output == path or output.is_relative_to(path) or path.is_relative_to(output):
-            raise SpecError("spec.output.path", f"{output} overlaps the input {path}")
+def _check_output(spec: AdapterMergeSpec, output: Path, protected: list[ProtectedPath], owner: Owner | None) -> None:
     name_max = _name_max(output)
     if len(os.fsencode(output.name)) + TEMP_NAME_EXTRA_BYTES > name_max:
         raise SpecError("spec.output.path", f"the folder name {output.name[:40]!r}... is "
@@ -165,11 +173,7 @@ def _check_output(spec: AdapterMergeSpec, output: Path, inputs: list[Path]) -> N
         existing = existing.parent
     if existing != output and not existing.is_dir():
         raise SpecError("spec.output.path", f"{spec.output.path!r} would be under {existing}, which is a file")
-    if existing == output and not spec.output.overwrite:
-        raise SpecError(
-            "spec.output.path",
-            f"{spec.output.path!r} already exists ({output}); set spec.output.overwrite: true to replace it",
-        )
+    check_target(spec, output, protected, owner)  # never an input; replaced only when allowed
     folder = existing if existing != output else output.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         raise SpecError("spec.output.path", f"the folder {folder} is not writable")
