@@ -64,7 +64,7 @@ def merge_params(spec: AdapterMergeSpec) -> MergeParams:
                        gammas=tuple(a.gamma for a in spec.adapters),
                        epsilons=tuple(a.epsilon for a in spec.adapters),
                        gamma=p.gamma, epsilon=p.epsilon, normalize=p.normalize, rescale=p.rescale,
-                       conventions=p.conventions, select_topk=p.select_topk)
+                       conventions=p.conventions, select_topk=1.0 if p.select_topk is None else p.select_topk)
 
 
 def _on_device(factors: list[LoraFactors | None], device: torch.device) -> list[torch.Tensor | None]:
