@@ -16,7 +16,6 @@ import select
 import signal
 import struct
 import time
-from typing import Any
 
 MAX_PATTERN_KEYS = 2048
 MAX_KEY_LENGTH = 256
@@ -31,14 +30,6 @@ class PatternError(ValueError):
 def compile_key(key: str) -> re.Pattern[str]:
     """The key as PEFT applies it; raises ValueError (re.error) for an invalid regular expression."""
     return re.compile(rf"(.*\.)?({key})$")
-
-
-def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's lookup for one module (unbounded: for trusted patterns; readers use first_matches)."""
-    for key in pattern:
-        if compile_key(key).match(module):
-            return pattern[key]
-    return default
 
 
 def first_matches(keys: list[str], modules: list[str]) -> dict[str, int | None]:
@@ -75,10 +66,12 @@ def _match_in_child(regex: list[tuple[int, str]], modules: list[str], seconds: f
     os.close(write_end)
     data = b""
     deadline = time.monotonic() + seconds
+    poll = select.poll()  # not select(): with many inputs open, the pipe's fd may exceed FD_SETSIZE
+    poll.register(read_end, select.POLLIN)
     try:
         while len(data) < 4 * len(modules):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            if left <= 0 or not poll.poll(left * 1000):
                 module = modules[len(data) // 4]
                 raise PatternError(f"matching module {module} against the keys did not finish within "
                                    f"{seconds:g} s (a regular expression that backtracks catastrophically?)")
