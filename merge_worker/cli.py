@@ -33,12 +33,23 @@ def load_spec_file(path: Path) -> AdapterMergeSpec:
     return parse_resource(load_spec_document(Path(path))).spec
 
 
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject's), read from its metadata: no torch import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adaptermerge")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptermerge", description="Merge PEFT LoRA adapters in delta-W space.",
         epilog="exit codes: 0 done, 1 failure, 2 invalid input (nothing written), "
                "3 merge written but evaluation below minRetention",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_inputs(p: argparse.ArgumentParser) -> None:
@@ -59,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--result-file", type=Path, metavar="PATH",
                           help="check that run could write its result summary here (nothing is written)")
     validate.set_defaults(handler=_validate)
+
+    convert = commands.add_parser(
+        "from-mergekit", help="print the AdapterMerge resource for a mergekit YAML of BASE+ADAPTER models",
+        description="Translate a mergekit merge configuration whose models are LoRA adapters of its"
+                    " base_model (BASE+ADAPTER) into an AdapterMerge resource on stdout; what cannot be"
+                    " translated exactly is an error naming the mergekit field (exit 2).")
+    convert.add_argument("file", type=Path, help="a mergekit YAML (merge_method, base_model, models, ...)")
+    convert.add_argument("--claim", default="models", help="claim holding the base and adapters (spec.volume)")
+    convert.add_argument("--root", type=Path, help="folder the claim mounts: absolute paths are made relative to it")
+    convert.add_argument("--output", default="merged", help="output path inside the claim (default: merged)")
+    convert.add_argument("--name", help="metadata.name (default: from the file name)")
+    convert.add_argument("--format", default="merged-model", choices=["merged-model", "adapter"],
+                         help="merged-model, as mergekit writes (default), or a LoRA adapter")
+    convert.set_defaults(handler=_from_mergekit)
 
     crd = commands.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(handler=_crd)
@@ -148,6 +173,24 @@ def _validate(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     print(f"{args.file}: valid: {len(inputs.adapters)} adapters, {len(inputs.plan)} modules, "
           f"method {spec.method}, output {spec.output.format} at {inputs.output_path}")
+    return EXIT_OK
+
+
+def _from_mergekit(args: argparse.Namespace) -> int:
+    import re
+
+    from merge_worker.from_mergekit import TranslationError, load_config, to_yaml, translate
+
+    name = args.name or re.sub(r"[^a-z0-9-]+", "-", args.file.stem.lower()).strip("-") or "merge"
+    try:
+        resource, notes = translate(load_config(args.file), claim=args.claim, output=args.output, name=name,
+                                    root=args.root, output_format=args.format)
+    except TranslationError as exc:
+        _error(f"{args.file}: {exc.field}: {exc.message}")
+        return EXIT_INVALID
+    for note in notes:
+        print(f"adaptermerge: note: {note}", file=sys.stderr)
+    sys.stdout.write(to_yaml(resource))
     return EXIT_OK
 
 

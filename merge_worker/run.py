@@ -57,7 +57,12 @@ def pick_device(choice: str) -> torch.device:
 def merge_params(spec: AdapterMergeSpec) -> MergeParams:
     p = spec.parameters
     return MergeParams(method=spec.method, weights=tuple(spec.adapter_weights()), density=p.density,
-                       lambda_=p.lambda_, t=p.t, seed=p.seed)
+                       lambda_=p.lambda_, t=p.t, seed=p.seed,
+                       densities=tuple(a.density for a in spec.adapters),
+                       gammas=tuple(a.gamma for a in spec.adapters),
+                       epsilons=tuple(a.epsilon for a in spec.adapters),
+                       gamma=p.gamma, epsilon=p.epsilon, normalize=p.normalize, rescale=p.rescale,
+                       conventions=p.conventions, select_topk=p.select_topk)
 
 
 def _on_device(factors: list[LoraFactors | None], device: torch.device) -> list[torch.Tensor | None]:
@@ -132,7 +137,7 @@ def _write_merged_model(inputs: Inputs, folder: Path, device: torch.device, prog
     write_merged_model(
         folder, base, {m.name: m.kind for m in inputs.plan}, delta_for,
         {name: (lambda n=name: _saved_tensor_for(inputs, n, params)) for name in inputs.saved},
-        dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out,
+        dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out, pin_memory=device.type == "cuda",
     )
     return records
 
