@@ -52,12 +52,12 @@ def first_matches(keys: list[str], modules: list[str]) -> dict[str, int | None]:
 
 def _match_in_child(regex: list[tuple[int, str]], modules: list[str], seconds: float) -> list[int | None]:
     """Matches in a forked child that reports one 4-byte index per module (-1: none) through a pipe."""
+    compiled = [(index, compile_key(key)) for index, key in regex]  # here: the child only matches
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: match, report, and leave without running any cleanup of the parent's
         try:
             os.close(read_end)
-            compiled = [(index, compile_key(key)) for index, key in regex]
             for module in modules:
                 index = next((i for i, pattern in compiled if pattern.match(module)), -1)
                 os.write(write_end, struct.pack("<i", index))
