@@ -349,7 +349,10 @@ class Adapter:
 
     def check_finite(self) -> None:
         """Raises naming the first tensor holding NaN or Inf (or a float64 value float32 cannot hold)."""
-        bad = self._file.first_unusable()
+        try:
+            bad = self._file.first_unusable()
+        except PathRefused as exc:  # the file shrank while being read
+            raise AdapterError(self.path, f"{self.weights_path.name} {exc}") from None
         if bad is not None:
             key, problem = bad
             raise AdapterError(self.path, f"tensor {key} in {self.weights_path.name} holds {problem}")
