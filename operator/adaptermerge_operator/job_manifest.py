@@ -89,7 +89,7 @@ def worker_command(merge: Mapping[str, Any], spec: AdapterMergeSpec) -> list[str
 
 
 def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
-    resources = copy.deepcopy(spec.job.resources)
+    resources = spec.job.resources_dict()
     if spec.job.gpus > 0:
         # spec.job.gpus is the one place GPUs are asked for; a request must equal the limit.
         gpus = str(spec.job.gpus)
@@ -157,11 +157,12 @@ def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settin
     node_selector = {**settings.default_node_selector, **spec.job.node_selector}
     if node_selector:
         pod["nodeSelector"] = node_selector
-    tolerations = [*settings.default_tolerations, *spec.job.tolerations]
+    tolerations = [*settings.default_tolerations, *spec.job.tolerations_list()]
     if tolerations:
         pod["tolerations"] = copy.deepcopy(tolerations)
-    if spec.job.affinity:
-        pod["affinity"] = copy.deepcopy(spec.job.affinity)
+    affinity = spec.job.affinity_dict()
+    if affinity:
+        pod["affinity"] = affinity
     if spec.job.priority_class_name:
         pod["priorityClassName"] = spec.job.priority_class_name
     return pod
