@@ -51,18 +51,25 @@ def test_a_finished_merge_is_not_run_again_after_its_job_is_gone(control_plane, 
     assert condition(merge, "Reconciling")["status"] == "False"
 
 
-@pytest.mark.parametrize("job, api_says", [
-    ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "Unsupported value"),
+@pytest.mark.parametrize("job, api_says, crd_may_refuse", [
+    # The spec models check these at apply time now; if they did not, the API would refuse the Job.
+    ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "Unsupported value", True),
     ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}},
-     "nodeSelectorTerms"),
-    ({"resources": {"requests": {"example.com/fpga": "1"}}}, "Limit must be set"),  # extended resource, no limit
-])
-def test_a_job_the_api_refuses_fails_at_once_with_its_message(control_plane, namespace, operator, claims, job, api_says):
+     "nodeSelectorTerms", True),
+    # Only the API server knows these: an extended resource in fractions, hugepages without cpu or memory.
+    ({"resources": {"requests": {"example.com/fpga": "500m"}, "limits": {"example.com/fpga": "500m"}}},
+     "must be an integer", False),
+    ({"resources": {"requests": {"hugepages-2Mi": "2Mi"}, "limits": {"hugepages-2Mi": "2Mi"}}},
+     "HugePages require cpu or memory", False),
+], ids=["toleration", "affinity", "fractional-extended-resource", "hugepages-alone"])
+def test_a_job_the_api_refuses_fails_at_once_with_its_message(control_plane, namespace, operator, claims, job,
+                                                               api_says, crd_may_refuse):
     claim = claims.make()
     applied = apply(control_plane, namespace, resource("refused", claim, job={"gpus": 0, **job}), check=False)
-    if applied.returncode != 0:  # the CRD caught it at apply time: as good, and it must name the field
+    if crd_may_refuse and applied.returncode != 0:  # caught at apply time: as good, and it names the field
         assert "spec.job" in applied.stderr, applied.stderr
         return
+    assert applied.returncode == 0, applied.stderr
     merge = wait_until(phase_is(control_plane, namespace, "refused", "Failed"), "phase Failed", operator, control_plane, 60)
     assert ready(merge)["reason"] == "JobRejected" and api_says in ready(merge)["message"]
     assert condition(merge, "Stalled")["status"] == "True"
