@@ -188,7 +188,8 @@ def make_adapters(root: Path, tag: str, shape: Shape, relative: float, device: t
         for layer in range(shape.layers):
             for suffix in suffixes:
                 out_f, in_f = shape.module_shape(suffix)
-                a = torch.randn(rank, in_f, generator=generator, device=device) / in_f**0.5
+                # rms(B @ A) = relative x INIT_STD, the base weights' rms
+                a = torch.randn(rank, in_f, generator=generator, device=device)
                 b = torch.randn(out_f, rank, generator=generator, device=device) * (relative * INIT_STD / rank**0.5)
                 writer.add_module(f"model.layers.{layer}.{suffix}", "linear",
                                   MergedModule(b=b.cpu(), a=a.cpu(), relative_error=0.0))
@@ -411,7 +412,8 @@ def evaluation_row(root: Path, base: str, adapters: list[str], datasets: list[st
     return row
 
 
-def mergekit_rows(root: Path, base: str, adapters: list[str], device: str, env: dict, logs: Path) -> list[dict]:
+def mergekit_rows(root: Path, tag: str, base: str, adapters: list[str], device: str, env: dict, logs: Path
+                  ) -> list[dict]:
     """mergekit-yaml ties on base+adapter references, cold (empty LoRA cache) then warm."""
     import yaml
 
@@ -437,7 +439,7 @@ def mergekit_rows(root: Path, base: str, adapters: list[str], device: str, env: 
         command = [sys.executable, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())",
                    str(path), str(out), *flags]
         run = fresh(command, gpu=device == "cuda", env=env, log=logs / f"mergekit-{label.split()[0]}.log")
-        rows.append({"row": f"mergekit ties, 3b bf16, {label}", **run})
+        rows.append({"row": f"mergekit ties, {tag} bf16, {label}", **run})
         print(f"{rows[-1]}", flush=True)
         if run["exit"] != 0:
             break
@@ -513,7 +515,7 @@ def table(rows: list[dict]) -> str:
             notes.append("exact match " + ", ".join(f"{n} {d['base']:.2f}/{d['source']:.2f}/{d['merged']:.2f}"
                                                     for n, d in r["exact"].items() if d))
         if r.get("ratio"):
-            notes.append(f"{r['ratio']:.1f}x faster (target >= 5x)")
+            notes.append(f"ours {r['ratio']:.1f}x faster (target >= 5x)")
         if r.get("error") is not None:
             notes.append(f"error {100 * r['error']:.2f}% of the delta")
         if r.get("exit") not in (None, 0):
@@ -588,7 +590,7 @@ def main() -> None:
                                                             env, logs)) or ours)
         if "mergekit" in only:
             theirs: list[dict] = []
-            step("mergekit", lambda: theirs.extend(mergekit_rows(root, base_small, adapters_small, device, env,
+            step("mergekit", lambda: theirs.extend(mergekit_rows(root, tags[1], base_small, adapters_small, device, env,
                                                                  logs)) or theirs)
             outputs = {"ours": root / "out" / f"merged-{tags[1]}"}
             if theirs and theirs[-1].get("exit") == 0:

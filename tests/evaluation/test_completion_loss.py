@@ -11,7 +11,7 @@ import pytest
 import torch
 from evaluation.tiny_lm import CODE, EOS, SQL, VOCAB, token_ids
 
-from merge_worker.evaluation import Scorer, Task, encode, exact_match_rate, still_possible
+from merge_worker.evaluation import Scorer, Task, encode, exact_match_rate, generation_rows, still_possible
 from merge_worker.model_loading import load_causal_lm, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -154,3 +154,11 @@ def test_mixed_batches_score_each_row_with_its_own_adapter(tiny_store, tmp_path)
 )
 def test_generation_stops_only_once_a_match_is_impossible(generated, expected, possible):
     assert still_possible(generated, expected) is possible
+
+
+def test_generation_rows_fill_the_kv_cache_budget_on_a_gpu_only():
+    cuda = torch.device("cuda")
+    assert generation_rows(8, 160, CPU) == 8  # a CPU computes every row: batchSize
+    assert generation_rows(8, 160, cuda) == 256  # short rows: the row cap
+    assert generation_rows(8, 2048, cuda) == 32  # long rows: 65536 tokens of KV cache
+    assert generation_rows(8, 100_000, cuda) == 8  # never below batchSize
