@@ -75,8 +75,9 @@ SHAPES = {
     "tiny": Shape(256, 512, 2, 4, 2, 2048, tied=False),
     "tiny3": Shape(192, 384, 2, 4, 2, 2048, tied=True),
 }
-# name, rank, modules, delta rms relative to the weight's (tiny for the evaluation set, so the adapters
-# do not move greedy generation off the base's continuation; realistic for the accuracy comparison)
+# name, rank, modules. make_adapters' `relative` (rms(B @ A) / rms(W)) is tiny for the 8B set (5e-5), so
+# the adapters keep greedy generation on the base's continuation, and realistic (5%) for the 3B set, where
+# the accuracy comparison needs deltas well above bf16 rounding.
 ADAPTERS = (("r8", 8, ATTENTION + MLP), ("r16", 16, ATTENTION + MLP), ("r4attn", 4, ATTENTION))
 
 
@@ -569,7 +570,7 @@ def main() -> None:
     base_big = f"base-{tags[0]}"
     t = time.perf_counter()
     make_base(root / base_big, big, tdev)
-    adapters_big = make_adapters(root, tags[0], big, relative=1e-3, device=tdev)
+    adapters_big = make_adapters(root, tags[0], big, relative=5e-5, device=tdev)
     print(f"[{time.perf_counter() - started:.0f} s] inputs {tags[0]} ready ({time.perf_counter() - t:.1f} s)", flush=True)
 
     step("floor", lambda: floor_row(device, env))
