@@ -9,6 +9,7 @@ crds/adaptermerge.io_adaptermerges.yaml is its checked-in output. Pure pydantic 
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import yaml
@@ -58,6 +59,9 @@ def _int_or_string_rule(branches: list[dict[str, Any]]) -> dict[str, str]:
     str_rule = " || ".join(f"self == '{v}'" for v in allowed) or "true"
     integer = "an integer" if minimum is None else f"an integer >= {minimum}"
     strings = " or ".join(repr(v) for v in allowed) or "a string"
+    if "pattern" in str_branch:  # e.g. a Kubernetes quantity: "500m", "64Gi"
+        str_rule = f"self.matches(r'{str_branch['pattern']}')"
+        strings = f"a string matching {str_branch['pattern']}"
     return {
         "rule": f"type(self) == int ? {int_rule} : ({str_rule})",
         "message": f"must be {integer} or {strings}",
@@ -66,8 +70,13 @@ def _int_or_string_rule(branches: list[dict[str, Any]]) -> dict[str, str]:
 
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """Rewrites one (already resolved) pydantic schema node, and its children, into CRD form."""
+    default = node.get("default")
     node = {k: v for k, v in node.items() if k not in _DROPPED_KEYS}
+    if default not in (None, "", [], {}) and "description" in node:
+        # Shown by `kubectl explain`, not applied by the API server (that would rewrite stored specs).
+        node["description"] = f"{node['description']} Defaults to {json.dumps(default)}."
     out: dict[str, Any] = {}
+    key_rules: list[tuple[str, str]] = []
     if "anyOf" in node:
         branches = node.pop("anyOf")
         typed = [b for b in branches if b.get("type") != "null"]
@@ -78,6 +87,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             node = {**{k: v for k, v in typed[0].items() if k not in _DROPPED_KEYS}, **node}
         elif types == {"integer", "string"}:
             node["x-kubernetes-int-or-string"] = True
+            string_bound = next((b["maxLength"] for b in typed if "maxLength" in b), None)
+            if string_bound is not None:  # bounds the CEL cost estimate of the rule below
+                node["maxLength"] = string_bound
             node["x-kubernetes-validations"] = [
                 *node.get("x-kubernetes-validations", []),
                 _int_or_string_rule(typed),
@@ -95,6 +107,14 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             out[key] = {name: _structural(child) for name, child in value.items()}
         elif key == "items":
             out[key] = _structural(value)
+        elif key == "patternProperties":  # a map with constrained keys (pydantic's dict[Key, V])
+            ((pattern, child),) = value.items()
+            out["additionalProperties"] = _structural(child)
+            key_rules.append((f"self.all(k, k.matches(r'{pattern}'))", f"every key must match {pattern}"))
+        elif key == "propertyNames":
+            if "maxLength" in value:
+                key_rules.append((f"self.all(k, size(k) <= {value['maxLength']})",
+                                  f"keys have at most {value['maxLength']} characters"))
         elif key == "additionalProperties":
             if value is True:  # a free-form map (resources, affinity, a toleration)
                 out["x-kubernetes-preserve-unknown-fields"] = True
@@ -103,6 +123,11 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             # False: unknown fields are pruned, which is the structural default
         else:
             out[key] = value
+    if key_rules:  # structural schemas have no propertyNames: the keys are checked in CEL
+        out["x-kubernetes-validations"] = [
+            *out.get("x-kubernetes-validations", []),
+            *({"rule": rule, "message": message} for rule, message in key_rules),
+        ]
     return _readable_order(out)
 
 

@@ -333,8 +333,7 @@ def read_datasets(spec: AdapterMergeSpec, volumes: Any) -> dict[str, list[dict[s
     datasets = {}
     for i, d in enumerate(spec.evaluation.datasets):
         field = f"spec.evaluation.datasets[{i}].path"
-        path = volumes.resolve(spec, d, field, expect="file")
-        datasets[d.name] = read_jsonl(path, field, d.max_examples)
+        datasets[d.name] = read_jsonl(volumes.open_file(spec, d, field), field, d.max_examples)
     return datasets
 
 
@@ -346,11 +345,11 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
     started = time.monotonic()
     evaluation = spec.evaluation
     rows = read_datasets(spec, volumes)
-    base_path = volumes.resolve(spec, spec.base_model, "spec.baseModel.path", expect="dir")
+    # Views: folders that read exactly the files validation checked (docs/cli.md, reading guarantees).
+    base_path = volumes.view_of(spec, spec.base_model, "spec.baseModel.path")
     adapters = {a.name: (i, a) for i, a in enumerate(spec.adapters)}
     sources = {
-        d.adapter: volumes.resolve(spec, adapters[d.adapter][1], f"spec.adapters[{adapters[d.adapter][0]}].path",
-                                   expect="dir")
+        d.adapter: volumes.view_of(spec, adapters[d.adapter][1], f"spec.adapters[{adapters[d.adapter][0]}].path")
         for d in evaluation.datasets
     }
 

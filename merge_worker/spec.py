@@ -21,6 +21,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from merge_worker.job_spec import Job
+from merge_worker.spec_base import SpecModel as _Model
+from merge_worker.spec_base import cel_rules as _cel
+
 API_GROUP = "adaptermerge.io"
 API_VERSION = "v1alpha1"
 KIND = "AdapterMerge"
@@ -28,20 +32,47 @@ PLURAL = "adaptermerges"
 SINGULAR = "adaptermerge"
 SHORT_NAME = "am"
 
-Method = Literal["linear", "cat", "magnitude_prune", "ties", "dare_linear", "dare_ties", "slerp"]
+# docs/merging.md says what each computes; the names shared with mergekit follow mergekit's definitions
+# under `parameters.conventions: mergekit` and keep adaptermerge's under the default conventions.
+Method = Literal[
+    "linear", "cat", "magnitude_prune", "ties", "dare_linear", "dare_ties", "slerp",
+    "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "nuslerp", "model_stock",
+    "sce",
+]
 METHODS: tuple[str, ...] = Method.__args__
-# Methods whose result depends on `density`; for these it is required (no silent default).
+# Methods whose result depends on `density`; under adaptermerge conventions it is required for these (no
+# silent default). Under mergekit conventions, and for mergekit's other sparsifying methods, it defaults
+# to 1 as in mergekit.
 DENSITY_METHODS = ("magnitude_prune", "ties", "dare_linear", "dare_ties")
+# Which optional parameters each method reads; setting one a method ignores is an error naming it.
+METHOD_OPTIONS: dict[str, frozenset[str]] = {
+    "linear": frozenset({"normalize"}),
+    "task_arithmetic": frozenset({"normalize"}),
+    "ties": frozenset({"normalize", "rescale"}),
+    "magnitude_prune": frozenset({"normalize", "rescale"}),
+    "dare_linear": frozenset({"normalize", "rescale"}),
+    "dare_ties": frozenset({"normalize", "rescale"}),
+    "breadcrumbs": frozenset({"normalize", "rescale", "gamma"}),
+    "breadcrumbs_ties": frozenset({"normalize", "rescale", "gamma"}),
+    "della": frozenset({"normalize", "rescale", "epsilon"}),
+    "della_linear": frozenset({"normalize", "rescale", "epsilon"}),
+    "sce": frozenset({"selectTopk"}),
+}
+# mergekit's per-model `density` (per adapter here) exists for its task-arithmetic family only.
+PER_ADAPTER_DENSITY_METHODS = (
+    "magnitude_prune", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear",
+)
+Conventions = Literal["adaptermerge", "mergekit"]
+# mergekit's defaults for breadcrumbs' gamma and della's epsilon.
+DEFAULT_GAMMA = 0.01
+DEFAULT_EPSILON = 0.15
+Rescale = Literal["l1", "inverse-probability", "none"]
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 OutputFormat = Literal["adapter", "merged-model"]
 DType = Literal["float32", "bfloat16", "float16"]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 MAX_LIST_ITEMS = 64  # adapters, evaluation datasets
-
-
-def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
-    """CEL rules the CRD carries for what the schema alone cannot say (read by merge_worker.crd)."""
-    return {"x-kubernetes-validations": [{"rule": rule, "message": msg} for rule, msg in rules]}
 
 
 # A DNS-1123 label: adapter and dataset names become keys in status and file names.
@@ -70,14 +101,11 @@ RelPath = Annotated[
 ClaimName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", max_length=253)]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
-
-
 class VolumeRef(_Model):
+    """The default PersistentVolumeClaim for every path that names no claim of its own."""
+
     claim_name: ClaimName
+    """Name of a PersistentVolumeClaim in the resource's namespace."""
 
 
 class PathRef(_Model):
@@ -85,28 +113,57 @@ class PathRef(_Model):
 
     path: RelPath
     claim_name: ClaimName | None = None
+    """PersistentVolumeClaim holding the path; defaults to spec.volume.claimName."""
 
 
 class BaseModelSpec(PathRef):
+    """The base model (a Hugging Face folder) the adapters were trained on."""
+
     quantization: Quantization = "none"
+    """How the base model is loaded for evaluation: nf4, fp4, int8 or none (its own dtype)."""
 
 
 class AdapterRef(PathRef):
+    """A PEFT LoRA adapter folder (adapter_config.json and adapter_model.safetensors)."""
+
     name: Name
+    """Short name of the adapter (a DNS label), unique in spec.adapters."""
     weight: float | None = Field(default=None, description="Defaults to 1 (or parameters.weights).")
+    # mergekit's per-model parameters: they override parameters.density/gamma/epsilon for this adapter.
+    density: float | None = Field(default=None, gt=0, le=1, description="Overrides parameters.density.")
+    gamma: float | None = Field(default=None, ge=0, lt=1, description="Overrides parameters.gamma.")
+    epsilon: float | None = Field(default=None, ge=0, lt=0.5, description="Overrides parameters.epsilon.")
 
 
 class Parameters(_Model):
+    """Parameters of the merge method (docs/merging.md)."""
+
     density: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of each task vector kept, in (0, 1]; required by magnitude_prune, ties, dare_linear, dare_ties."""
     lambda_: float = Field(default=1.0, alias="lambda")
+    """Scale applied to the merged task vector."""
     t: float = Field(default=0.5, ge=0, le=1)
+    """Interpolation factor of slerp, in [0, 1]."""
     seed: int = Field(default=0, ge=0)
+    """Seed of the random masks of the dare methods."""
     # Alternative to per-adapter `weight`, in the order of `spec.adapters`.
     weights: list[float] | None = None
+    """One weight per adapter, in the order of spec.adapters (instead of adapters[].weight)."""
+    conventions: Conventions = Field(
+        default="adaptermerge",
+        description="mergekit: mergekit's defaults for the names it shares with adaptermerge, int(density*n)"
+        " kept entries, and + elected where a sign sum is exactly 0 (docs/merging.md).",
+    )
+    normalize: bool | None = Field(default=None, description="Divide by the sum of weights; default per method.")
+    rescale: Rescale | None = Field(default=None, description="How survivors are rescaled; default per method.")
+    gamma: float | None = Field(default=None, ge=0, lt=1, description="breadcrumbs: top fraction removed (0.01).")
+    epsilon: float | None = Field(default=None, ge=0, lt=0.5, description="della: probability spread (0.15).")
+    select_topk: float | None = Field(default=None, gt=0, le=1,
+                                      description="sce: fraction of entries kept by variance (1 when unset).")
 
     @model_validator(mode="after")
     def _finite(self) -> Parameters:
-        for name in ("density", "lambda_", "t"):
+        for name in ("density", "lambda_", "t", "gamma", "epsilon", "select_topk"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name.rstrip('_')} must be a finite number")
@@ -116,12 +173,19 @@ class Parameters(_Model):
 
 
 class Output(PathRef):
+    """Where and how the merge is written."""
+
     format: OutputFormat = "adapter"
+    """adapter: a PEFT LoRA adapter; merged-model: the base model with the merge folded in."""
     rank: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 16
+    """Rank of the merged adapter, or auto: the smallest rank keeping `energy` of each module."""
     energy: float = Field(default=0.99, gt=0, le=1)
+    """Share of the spectral energy rank auto keeps, in (0, 1]."""
     # None: float32 for an adapter, the base model's own dtype for a merged model.
     dtype: DType | None = None
+    """Tensor dtype written; unset: float32 for an adapter, the base model's dtype for a merged model."""
     overwrite: bool = False
+    """Replace an existing output at the path instead of failing."""
 
     @field_validator("rank", mode="before")
     @classmethod
@@ -132,42 +196,52 @@ class Output(PathRef):
 
 
 class EvalDataset(PathRef):
+    """A JSONL file of prompt/completion rows scoring one skill (docs/evaluation.md)."""
+
     name: Name
+    """Short name of the dataset (a DNS label), unique in evaluation.datasets."""
     adapter: Name = Field(description="Name of the source adapter in spec.adapters for this skill.")
     # Also score greedy completions by exact match (for skills with one right answer).
     exact_match: bool = False
+    """Also score greedy completions by exact match (for skills with one right answer)."""
     max_examples: int | None = Field(default=None, ge=1)
+    """Score at most this many rows; unset: all."""
 
 
 class Evaluation(_Model):
-    datasets: list[EvalDataset] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
+    """Scores the merge against each source adapter on its own skill before publishing it."""
+
+    datasets: list[EvalDataset] = Field(
+        min_length=1,
+        max_length=MAX_LIST_ITEMS,
+        json_schema_extra=_cel(
+            ("self.all(d, self.exists_one(e, e.name == d.name))", "dataset names must be unique"),
+        ),
+    )
+    """One dataset per skill to score."""
     min_retention: float | None = None
+    """Fail (exit 3, RetentionBelowThreshold) when any dataset's retention is below this."""
+    publish_below_threshold: bool = True
+    """Publish an output whose retention is below minRetention (the run still ends RetentionBelowThreshold).
+    false: such an output is discarded, and an existing output stays as it was."""
     batch_size: int = Field(default=8, ge=1)
+    """Rows scored per forward pass."""
     max_new_tokens: int = Field(default=64, ge=1)
-
-
-class Job(_Model):
-    """Kubernetes-only settings; the local CLI ignores them."""
-
-    gpus: int = Field(default=1, ge=0)
-    resources: dict[str, Any] = Field(default_factory=dict)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    affinity: dict[str, Any] = Field(default_factory=dict)
-    priority_class_name: str = ""
-    queue_name: str = ""
-    backoff_limit: int = Field(default=2, ge=0)
-    active_deadline_seconds: int = Field(default=7200, ge=1)
-    ttl_seconds_after_finished: int = Field(default=86400, ge=0)
+    """Longest greedy completion generated for exact match."""
 
 
 class AdapterMergeSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
             ("self.method != 'slerp' || size(self.adapters) == 2", "slerp needs exactly two adapters"),
+            ("self.method != 'nuslerp' || size(self.adapters) == 2", "nuslerp needs exactly two adapters"),
+            ("self.method != 'model_stock' || size(self.adapters) >= 2", "model_stock needs two adapters or more"),
             (
                 "!(self.method in ['magnitude_prune', 'ties', 'dare_linear', 'dare_ties'])"
-                " || (has(self.parameters) && has(self.parameters.density))",
+                " || (has(self.parameters) && has(self.parameters.density))"
+                " || (has(self.parameters) && has(self.parameters.conventions)"
+                " && self.parameters.conventions == 'mergekit')"
+                " || self.adapters.all(a, has(a.density))",
                 "parameters.density is required for this method",
             ),
             (
@@ -183,17 +257,32 @@ class AdapterMergeSpec(_Model):
     )
 
     volume: VolumeRef | None = None
+    """Default claim for every path that names none."""
     base_model: BaseModelSpec | None = None
+    """The base model; needed for evaluation and for output format merged-model."""
     # The bound (far above any real merge) also lets the API server estimate the cost of the CRD's
     # per-path CEL rules: without maxItems it assumes a list as long as a request allows and refuses it.
-    adapters: list[AdapterRef] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
+    adapters: list[AdapterRef] = Field(
+        min_length=1,
+        max_length=MAX_LIST_ITEMS,
+        json_schema_extra=_cel(
+            ("self.all(a, self.exists_one(b, b.name == a.name))", "adapter names must be unique"),
+        ),
+    )
+    """The adapters to merge, each with a unique name."""
     method: Method
+    """Merge method (docs/merging.md)."""
     parameters: Parameters = Field(default_factory=Parameters)
+    """Parameters of the method."""
     output: Output
+    """The merged adapter or model to write."""
     evaluation: Evaluation | None = None
+    """Score the merge before publishing it; unset: no evaluation."""
     # Merge adapters trained on different bases (their adapter_config.json disagree) anyway.
     allow_base_mismatch: bool = False
+    """Merge adapters whose adapter_config.json name different base models anyway."""
     job: Job = Field(default_factory=Job)
+    """Settings of the Kubernetes Job that runs the merge (ignored by the local CLI)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterMergeSpec:
@@ -201,10 +290,11 @@ class AdapterMergeSpec(_Model):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise _FieldError(f"adapters[{i}].name", f"duplicate adapter name {name!r}")
-        if self.method == "slerp" and len(self.adapters) != 2:
-            raise _FieldError("adapters", f"slerp needs exactly two adapters, got {len(self.adapters)}")
-        if self.method in DENSITY_METHODS and self.parameters.density is None:
-            raise _FieldError("parameters.density", f"required for method {self.method}, in (0, 1]")
+        if self.method in ("slerp", "nuslerp") and len(self.adapters) != 2:
+            raise _FieldError("adapters", f"{self.method} needs exactly two adapters, got {len(self.adapters)}")
+        if self.method == "model_stock" and len(self.adapters) < 2:
+            raise _FieldError("adapters", f"model_stock needs two adapters or more, got {len(self.adapters)}")
+        self._check_method_options()
         weights = self.parameters.weights
         if weights is not None:
             if len(weights) != len(self.adapters):
@@ -244,6 +334,41 @@ class AdapterMergeSpec(_Model):
         if self.output.format == "merged-model" and self.base_model is None:
             raise _FieldError("baseModel", "output format merged-model needs a base model")
         return self
+
+    def _check_method_options(self) -> None:
+        p = self.parameters
+        mergekit = p.conventions == "mergekit"
+        if mergekit and self.method == "slerp":
+            raise _FieldError(
+                "method", "mergekit's slerp interpolates whole weights, not task vectors; with a base model it"
+                " equals nuslerp (docs/merging.md)"
+            )
+        allowed = METHOD_OPTIONS.get(self.method, frozenset())
+        for attr in ("normalize", "rescale", "gamma", "epsilon", "select_topk"):
+            # A value, not mere presence: a spec written back with model_dump carries every key, unset as null.
+            if getattr(p, attr) is not None and to_camel(attr) not in allowed:
+                raise _FieldError(f"parameters.{to_camel(attr)}", f"method {self.method} does not use it")
+        if p.rescale == "inverse-probability" and not self.method.startswith(("dare_", "della")):
+            raise _FieldError("parameters.rescale", "inverse-probability applies to the random drops of dare_*"
+                              " and della*")
+        per_adapter = (("density", PER_ADAPTER_DENSITY_METHODS), ("gamma", ("breadcrumbs", "breadcrumbs_ties")),
+                       ("epsilon", ("della", "della_linear")))
+        for i, a in enumerate(self.adapters):
+            for attr, methods in per_adapter:
+                if getattr(a, attr) is not None and self.method not in methods:
+                    raise _FieldError(f"adapters[{i}].{attr}", f"method {self.method} does not use it")
+        if (self.method in DENSITY_METHODS and not mergekit and p.density is None
+                and any(a.density is None for a in self.adapters)):
+            raise _FieldError("parameters.density", f"required for method {self.method}, in (0, 1]")
+        if self.method in ("della", "della_linear"):
+            for i, a in enumerate(self.adapters):
+                density = a.density or p.density or 1.0
+                epsilon = DEFAULT_EPSILON if (a.epsilon, p.epsilon) == (None, None) else (
+                    a.epsilon if a.epsilon is not None else p.epsilon)
+                if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+                    where = f"adapters[{i}].density" if a.density is not None else "parameters.density"
+                    raise _FieldError(where, f"della needs density +/- epsilon in (0, 1): density {density},"
+                                      f" epsilon {epsilon}")
 
     # -- derived values both sides use ----------------------------------------------------------
     def claim_of(self, ref: PathRef) -> str:
@@ -288,42 +413,71 @@ class AdapterMerge(BaseModel):
 
 
 class StatusOutput(_Model):
+    """The output this generation writes."""
+
     claim_name: str
+    """Claim of the output."""
     path: str
+    """Path of the output on its claim."""
     format: OutputFormat
+    """adapter or merged-model."""
     rank: Union[int, Literal["auto"], None] = None
+    """Rank written (the worker's, once it reported; the spec's before)."""
 
 
 class StatusResult(BaseModel):
     """The worker's short result summary (its termination message), as the status carries it."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="allow", use_attribute_docstrings=True
+    )
     seconds: float | None = None
+    """Seconds the worker took."""
     modules: int | None = None
+    """Modules merged."""
     max_reconstruction_error: float | None = None
+    """Largest relative error of the rank-limited merge against the exact one."""
     retention: dict[str, float | None] | None = None
+    """Retention per evaluation dataset (null: undefined for that dataset)."""
     reason: str | None = None
+    """The worker's reason."""
 
 
 class Condition(_Model):
+    """A condition in the Kubernetes convention (metav1.Condition)."""
+
     type: str
+    """Condition type, e.g. Ready."""
     status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
     reason: str
+    """Machine-readable reason of the last transition."""
     message: str = ""
+    """Human-readable details."""
     last_transition_time: str | None = None
+    """When status last changed."""
     observed_generation: int | None = None
+    """The generation this condition describes."""
 
 
 class AdapterMergeStatus(_Model):
     model_config = ConfigDict(extra="allow")  # kopf keeps its own bookkeeping here
     phase: Phase | None = None
+    """Pending, Running, Succeeded or Failed (docs/operator.md)."""
     observed_generation: int | None = None
+    """The generation of the spec this status describes."""
     job_name: str | None = None
+    """The Job running this generation's merge."""
     start_time: str | None = None
+    """When the Job started."""
     completion_time: str | None = None
+    """When the merge finished."""
     output: StatusOutput | None = None
+    """The output this generation writes."""
     result: StatusResult | None = None
+    """The worker's result summary."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Conditions (Ready) in the Kubernetes convention."""
 
 
 class _FieldError(ValueError):

@@ -41,7 +41,7 @@ def owner_reference(merge: Mapping[str, Any]) -> dict[str, Any]:
 def _metadata(merge: Mapping[str, Any]) -> dict[str, Any]:
     meta = merge["metadata"]
     return {
-        "name": names.job_name(meta["name"], meta["generation"]),
+        "name": names.run_name(merge),
         "namespace": meta["namespace"],
         "labels": names.owned_labels(meta["name"], meta["uid"], meta["generation"]),
         "annotations": {names.ANNOTATION_OWNER: meta["name"]},
@@ -82,7 +82,7 @@ def worker_command(spec: AdapterMergeSpec) -> list[str]:
 
 
 def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
-    resources = copy.deepcopy(spec.job.resources)
+    resources = spec.job.resources_dict()
     if spec.job.gpus > 0:
         # spec.job.gpus is the one place GPUs are asked for; a request must equal the limit.
         gpus = str(spec.job.gpus)
@@ -125,7 +125,7 @@ def _container(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
 
 
 def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
-    configmap = names.job_name(merge["metadata"]["name"], merge["metadata"]["generation"])
+    configmap = names.run_name(merge)
     volumes = [{"name": "spec", "configMap": {"name": configmap}}]
     volumes += [
         {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
@@ -150,11 +150,12 @@ def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settin
     node_selector = {**settings.default_node_selector, **spec.job.node_selector}
     if node_selector:
         pod["nodeSelector"] = node_selector
-    tolerations = [*settings.default_tolerations, *spec.job.tolerations]
+    tolerations = [*settings.default_tolerations, *spec.job.tolerations_list()]
     if tolerations:
         pod["tolerations"] = copy.deepcopy(tolerations)
-    if spec.job.affinity:
-        pod["affinity"] = copy.deepcopy(spec.job.affinity)
+    affinity = spec.job.affinity_dict()
+    if affinity:
+        pod["affinity"] = affinity
     if spec.job.priority_class_name:
         pod["priorityClassName"] = spec.job.priority_class_name
     return pod
@@ -179,8 +180,13 @@ def render_job(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Setti
             # A replacement pod starts only once the failed one is gone: two workers never write
             # the same output at once.
             "podReplacementPolicy": "Failed",
+            # With a queue, Kueue admits the Job by unsuspending it (its suspend-based integration).
+            "suspend": bool(queue),
             "podFailurePolicy": {
                 "rules": [
+                    # Evictions, preemptions and drains are not the merge's fault: retry without
+                    # using up backoffLimit.
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                     {
                         "action": "FailJob",
                         "onExitCodes": {

@@ -16,6 +16,7 @@ from merge_worker import __version__
 DEFAULT_WORKER_IMAGE = f"ghcr.io/adaptermerge/adaptermerge-worker:{__version__}"
 # The unprivileged user the Dockerfile's worker image creates.
 DEFAULT_WORKER_UID = 10001
+DEFAULT_SCHEDULING_TIMEOUT = 900
 
 
 class SettingsError(ValueError):
@@ -33,6 +34,8 @@ class Settings:
     default_queue_name: str = ""
     worker_uid: int = DEFAULT_WORKER_UID
     worker_gid: int = DEFAULT_WORKER_UID
+    # How long a worker pod may wait for a node, or fail to be created, before the merge fails (0: forever).
+    scheduling_timeout: int = DEFAULT_SCHEDULING_TIMEOUT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,6 +53,8 @@ class Settings:
             default_queue_name=env.get("ADAPTERMERGE_DEFAULT_QUEUE_NAME", ""),
             worker_uid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_USER", defaults.worker_uid),
             worker_gid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_GROUP", defaults.worker_gid),
+            scheduling_timeout=_int(env, "ADAPTERMERGE_SCHEDULING_TIMEOUT_SECONDS", defaults.scheduling_timeout,
+                                    minimum=0),
         )
 
 
@@ -77,7 +82,7 @@ def _json(env: Mapping[str, str], name: str, kind: type) -> Any:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     text = env.get(name, "")
     if not text:
         return default
@@ -85,6 +90,7 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(text)
     except ValueError:
         raise SettingsError(f"{name}={text!r}: expected an integer") from None
-    if value < 1:
-        raise SettingsError(f"{name}={text!r}: the worker must not run as root")
+    if value < minimum:
+        why = "the worker must not run as root" if minimum == 1 else f"expected at least {minimum}"
+        raise SettingsError(f"{name}={text!r}: {why}")
     return value

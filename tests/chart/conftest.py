@@ -13,6 +13,8 @@ import yaml
 from support.chart_identity import helm_template
 from support.control_plane import find_bin_dir
 
+CHART_CRDS = Path(__file__).resolve().parents[2] / "charts" / "adaptermerge" / "crds"
+
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
@@ -50,3 +52,10 @@ def extra_namespace(control_plane):
     control_plane.kubectl("create", "namespace", name)
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def chart_crds(control_plane):
+    """The chart's crds/ applied for real, as `helm install` does before the templates."""
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART_CRDS))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CHART_CRDS))

@@ -11,16 +11,8 @@ import pytest
 from support.chart_identity import helm_template, object_prefix
 
 REPO = Path(__file__).resolve().parents[2]
-CHART_CRDS = REPO / "charts" / "adaptermerge" / "crds"
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def chart_crds(control_plane):
-    """The chart's crds/ applied for real, as `helm install` does before the templates."""
-    control_plane.kubectl("apply", "-f", str(CHART_CRDS))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CHART_CRDS))
 
 
 def server_dry_run(control_plane, helm: Path, namespace: str, values: dict) -> str:

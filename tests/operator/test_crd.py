@@ -111,11 +111,22 @@ def test_every_spec_field_is_in_the_schema():
     check(spec.AdapterRef, schema["properties"]["adapters"]["items"], "spec.adapters[]")
 
 
-def test_free_form_kubernetes_fields_keep_their_content():
+def test_kubernetes_fields_of_the_job_are_modelled_not_free_form():
+    """resources, affinity and tolerations are checked at kubectl apply, so the Job is never refused later."""
+    for path, node in walk(open_schema()["properties"]["spec"]):
+        assert not node.get("x-kubernetes-preserve-unknown-fields"), f"{path} is free-form"
     job = open_schema()["properties"]["spec"]["properties"]["job"]["properties"]
-    for free_form in (job["resources"], job["affinity"], job["tolerations"]["items"]):
-        assert free_form["type"] == "object" and free_form["x-kubernetes-preserve-unknown-fields"] is True
-    assert job["nodeSelector"]["additionalProperties"] == {"type": "string"}
+    assert job["nodeSelector"]["additionalProperties"]["pattern"] == r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+    assert job["tolerations"]["items"]["properties"]["operator"]["enum"] == ["Exists", "Equal"]
+
+
+def test_every_field_has_a_description_and_shows_its_default():
+    """`kubectl explain adaptermerge.spec...` documents every field, defaults included."""
+    for path, node in walk(open_schema()["properties"]["spec"]):
+        assert path == "" or node.get("description") or path.endswith("[]") or path.endswith("{}"), path
+    output = open_schema()["properties"]["spec"]["properties"]["output"]["properties"]
+    assert output["rank"]["description"].endswith("Defaults to 16.")
+    assert output["format"]["description"].endswith('Defaults to "adapter".')
 
 
 def test_kopf_bookkeeping_in_status_survives_pruning():
