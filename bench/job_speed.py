@@ -516,7 +516,7 @@ def table(rows: list[dict]) -> str:
             notes.append("exact match " + ", ".join(f"{n} {d['base']:.2f}/{d['source']:.2f}/{d['merged']:.2f}"
                                                     for n, d in r["exact"].items() if d))
         if r.get("ratio"):
-            notes.append(f"ours {r['ratio']:.1f}x faster (target >= 5x)")
+            notes.append(f"mergekit / ours {r['ratio']:.1f}x (target >= 5x)")
         if r.get("error") is not None:
             notes.append(f"error {100 * r['error']:.2f}% of the delta")
         if r.get("exit") not in (None, 0):
