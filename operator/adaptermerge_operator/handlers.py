@@ -11,34 +11,55 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
 from typing import Any
 
 import kopf
 
 from merge_worker import spec as specs
 
-from adaptermerge_operator import names, reconcile
+from adaptermerge_operator import metrics, names, reconcile
 from adaptermerge_operator.kube import KubeApi, load_client_config
 from adaptermerge_operator.settings import Settings
 from adaptermerge_operator.slim import slim_job, slim_pod
 
 MERGES = (specs.API_GROUP, specs.API_VERSION, specs.PLURAL)
+WATCHED_BY_LABEL = (("batch", "v1", "jobs"), ("", "v1", "pods"))
 OWNED = {names.LABEL_UID: kopf.PRESENT}
 HAS_OWNER = {names.ANNOTATION_OWNER: kopf.PRESENT}
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, merge_verdicts: kopf.Index, **_: Any
+) -> None:
     # kopf posts an event per handler run at INFO; only our own transition events are worth keeping.
     settings.posting.level = logging.WARNING
+    # Events say who wrote them: `kubectl describe` shows "From adaptermerge", not kopf's defaults.
+    settings.posting.reporting_component = names.EVENT_COMPONENT
+    settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
+    settings.posting.event_name_prefix = f"{names.EVENT_COMPONENT}-"
+    # The API server sends only our Jobs and pods: kopf's `labels=` filters are client-side, so
+    # without this every pod and Job of the cluster would be streamed to (and parsed by) the operator.
+    for resource in WATCHED_BY_LABEL:
+        settings.watching.label_selectors[resource] = names.LABEL_UID
     settings.execution.max_workers = 2  # all handlers are async; API calls use KubeApi's own pool
     memo.settings = Settings.from_env()
     memo.api = KubeApi(load_client_config())
+    if memo.settings.metrics_port:
+        metrics.serve(memo.settings.metrics_port, merge_verdicts)
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.api.close()
+
+
+@kopf.index(*MERGES)
+def merge_verdicts(body: kopf.Body, namespace: str, uid: str, **_: Any) -> dict[Any, str]:
+    """(namespace, phase, reason) -> uids: what adaptermerge_merges counts at scrape time."""
+    return {metrics.verdict_key(namespace, body.get("status")): uid}
 
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
@@ -69,6 +90,7 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 @kopf.on.resume(*MERGES)
 @kopf.on.create(*MERGES)
 @kopf.on.update(*MERGES, field="spec")
+@metrics.timed("merge")
 async def reconcile_merge(
     body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
 ) -> None:
@@ -82,6 +104,7 @@ async def reconcile_merge(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED, annotations=HAS_OWNER)
+@metrics.timed("job")
 async def job_event(
     type: str | None, body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
 ) -> None:
@@ -96,5 +119,6 @@ async def job_event(
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED, annotations=HAS_OWNER)
+@metrics.timed("pod")
 async def pod_event(body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any) -> None:
     await reconcile.refresh_status(_context(memo, merge_jobs, merge_pods), *_owner_of(body))

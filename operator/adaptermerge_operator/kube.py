@@ -15,6 +15,9 @@ from typing import Any, Callable, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from adaptermerge_operator import metrics
 
 from merge_worker import spec as specs
 
@@ -55,8 +58,15 @@ class KubeApi:
         self.executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kube-api")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs one blocking call off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        """Runs one blocking call off the event loop; failures count in adaptermerge_api_errors_total."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        except ApiException as exc:
+            metrics.count_api_error(fn.__name__, exc.status)
+            raise
+        except HTTPError:
+            metrics.count_api_error(fn.__name__, "connection")
+            raise
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

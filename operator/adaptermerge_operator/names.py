@@ -19,6 +19,8 @@ LABEL_NAME = "adaptermerge.io/name"  # for people selecting with kubectl (shorte
 LABEL_GENERATION = "adaptermerge.io/generation"
 ANNOTATION_OWNER = "adaptermerge.io/merge-name"  # full resource name (labels may be shortened)
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+# The reporting component of the operator's Kubernetes events ("From" in `kubectl describe`).
+EVENT_COMPONENT = "adaptermerge"
 COMMON_LABELS = {
     "app.kubernetes.io/name": "adaptermerge",
     "app.kubernetes.io/component": "merge-worker",

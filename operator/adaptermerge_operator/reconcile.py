@@ -16,7 +16,7 @@ import kopf
 
 from merge_worker.spec import SpecError, parse_spec
 
-from adaptermerge_operator import job_manifest, names, status
+from adaptermerge_operator import job_manifest, metrics, names, status
 from adaptermerge_operator.kube import AlreadyExists, Conflict, KubeApi
 from adaptermerge_operator.settings import Settings
 
@@ -102,6 +102,7 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
         return True  # adopted: it already runs (e.g. the operator restarted mid-merge)
     await _create_owned(ctx, job_manifest.render_configmap(merge), meta["uid"])
     if await _create_owned(ctx, job, meta["uid"]):
+        metrics.count_job_created(meta["namespace"])
         kopf.event(merge, type="Normal", reason="JobCreated", message=f"created Job {job['metadata']['name']}")
     return True
 
@@ -117,7 +118,8 @@ async def refresh_status(ctx: Context, namespace: str, name: str, uid: str) -> N
         merge = await ctx.api.run(ctx.api.get_merge, namespace, name)
         if merge is None or merge["metadata"]["uid"] != uid:
             return  # deleted (or replaced by a new resource of that name, which has its own events)
-        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), now())
+        observed_at = now()
+        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), observed_at)
         previous = status.own_status(merge.get("status"))
         if desired == previous:
             return
@@ -128,6 +130,8 @@ async def refresh_status(ctx: Context, namespace: str, name: str, uid: str) -> N
         except Conflict:
             continue
         _announce(merge, previous, desired)
+        job = next((j for j in ctx.jobs_of(uid) if j["metadata"]["name"] == desired.get("jobName")), None)
+        metrics.observe_status_change(previous, desired, job, observed_at)
         return
     log.warning("status of %s/%s: gave up after %d conflicting writes", namespace, name, MAX_CONFLICTS)
 

@@ -33,6 +33,7 @@ class Settings:
     default_queue_name: str = ""
     worker_uid: int = DEFAULT_WORKER_UID
     worker_gid: int = DEFAULT_WORKER_UID
+    metrics_port: int = 0  # 0: no /metrics endpoint (the chart turns it on)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,6 +51,7 @@ class Settings:
             default_queue_name=env.get("ADAPTERMERGE_DEFAULT_QUEUE_NAME", ""),
             worker_uid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_USER", defaults.worker_uid),
             worker_gid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_GROUP", defaults.worker_gid),
+            metrics_port=_port(env, "ADAPTERMERGE_METRICS_PORT"),
         )
 
 
@@ -77,14 +79,25 @@ def _json(env: Mapping[str, str], name: str, kind: type) -> Any:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _integer(env: Mapping[str, str], name: str, default: int) -> int:
     text = env.get(name, "")
     if not text:
         return default
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise SettingsError(f"{name}={text!r}: expected an integer") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _integer(env, name, default)
     if value < 1:
-        raise SettingsError(f"{name}={text!r}: the worker must not run as root")
+        raise SettingsError(f"{name}={value}: the worker must not run as root")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = _integer(env, name, 0)
+    if not 0 <= value <= 65535:
+        raise SettingsError(f"{name}={value}: expected a port number, or 0 for none")
     return value
