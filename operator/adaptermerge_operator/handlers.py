@@ -47,6 +47,7 @@ async def configure(
     settings.execution.max_workers = 2  # all handlers are async; API calls use KubeApi's own pool
     memo.settings = Settings.from_env()
     memo.api = KubeApi(load_client_config())
+    memo.refusals = {}
     if memo.settings.metrics_port:
         metrics.serve(memo.settings.metrics_port, merge_verdicts)
 
@@ -64,7 +65,9 @@ def merge_verdicts(body: kopf.Body, namespace: str, uid: str, **_: Any) -> dict[
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
 def merge_jobs(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
-    return {labels[names.LABEL_UID]: slim_job(body)}
+    # Labels can be copied by anyone who may create Jobs; the controller reference is set by us.
+    uid = labels[names.LABEL_UID]
+    return {uid: slim_job(body)} if names.controller_uid(body) == uid else {}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED)
@@ -73,7 +76,8 @@ def merge_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]
 
 
 def _context(memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index) -> reconcile.Context:
-    return reconcile.Context(api=memo.api, settings=memo.settings, jobs=merge_jobs, pods=merge_pods)
+    return reconcile.Context(api=memo.api, settings=memo.settings, jobs=merge_jobs, pods=merge_pods,
+                             refusals=memo.refusals)
 
 
 def _owner_of(body: kopf.Body) -> tuple[str, str, str]:

@@ -96,6 +96,18 @@ class KubeApi:
                 raise Conflict(meta["name"]) from None
             raise
 
+    # -- PersistentVolumeClaims (only with a tenant policy on claim labels) -------------------------
+
+    def claim_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The claim's labels ({} if none); None when there is no such claim."""
+        try:
+            claim = _json(self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return claim["metadata"].get("labels") or {}
+
     # -- Jobs and ConfigMaps ---------------------------------------------------------------------
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:

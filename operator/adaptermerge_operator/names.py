@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any, Mapping
 
 # Job names become the pods' `job-name` label, whose values are limited to 63 characters.
 MAX_NAME = 63
@@ -56,6 +57,12 @@ def label_value(text: str) -> str:
     if len(text) <= MAX_NAME and _LABEL_VALUE.match(text):
         return text
     return shorten(text.strip("-._"), limit=MAX_NAME)
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with controller: true), if any."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
 
 def owned_labels(merge_name: str, uid: str, generation: int) -> dict[str, str]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import kopf
 
 from merge_worker.spec import SpecError, parse_spec
 
-from adaptermerge_operator import job_manifest, metrics, names, status
+from adaptermerge_operator import job_manifest, metrics, names, policy, status
 from adaptermerge_operator.kube import AlreadyExists, Conflict, KubeApi
 from adaptermerge_operator.settings import Settings
 
@@ -38,9 +38,15 @@ class Context:
     settings: Settings
     jobs: Mapping[str, Iterable[Mapping[str, Any]]]
     pods: Mapping[str, Iterable[Mapping[str, Any]]]
+    # uid -> (generation, why the tenant policy refuses it, or None); kept across handler calls.
+    refusals: dict[str, tuple[int, str | None]] = field(default_factory=dict)
 
     def jobs_of(self, uid: str) -> list[Mapping[str, Any]]:
         return list(self.jobs.get(uid, ()))
+
+    def refusal_of(self, uid: str, generation: int) -> str | None:
+        refused_generation, why = self.refusals.get(uid, (None, None))
+        return why if refused_generation == generation else None
 
     def pods_of(self, uid: str) -> list[Mapping[str, Any]]:
         return list(self.pods.get(uid, ()))
@@ -61,8 +67,7 @@ async def _create_owned(ctx: Context, obj: dict[str, Any], uid: str) -> bool:
         existing = await ctx.api.run(ctx.api.get, obj["kind"], meta["namespace"], meta["name"])
         if existing is None:  # deleted in between (a superseded one finishing its deletion)
             raise kopf.TemporaryError(f"{obj['kind']} {meta['name']} is being deleted; retrying", delay=2)
-        owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences", [])]
-        if uid not in owners:
+        if names.controller_uid(existing) != uid:  # an owner reference without controller is not enough
             raise kopf.TemporaryError(
                 f"{obj['kind']} {meta['name']} exists and does not belong to this AdapterMerge", delay=30
             ) from None
@@ -86,12 +91,25 @@ async def retire_superseded(ctx: Context, merge: Mapping[str, Any]) -> None:
             )
 
 
+async def _policy_refusal(ctx: Context, merge: Mapping[str, Any], spec: Any) -> str | None:
+    """Why the tenant policy refuses this spec (docs/install.md "Tenant policy"), or None."""
+    meta, rules = merge["metadata"], ctx.settings.policy
+    labels = {}
+    if rules.enabled and rules.claims.match_labels:
+        for claim in spec.claims():
+            labels[claim] = await ctx.api.run(ctx.api.claim_labels, meta["namespace"], claim)
+    found = policy.violations(rules, spec, labels)
+    return "; ".join(found) if found else None
+
+
 async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
     """Makes the current generation's ConfigMap and Job exist (created here, or adopted), unless the
-    spec is invalid or this generation already has its verdict (its Job may be gone since: TTL).
+    spec is invalid, the tenant policy refuses it, or this generation already has its verdict (its
+    Job may be gone since: TTL). A policy refusal is looked at again (the policy may have changed).
     True when the Job exists, so its own events will keep the status up to date."""
     meta = merge["metadata"]
-    if meta.get("deletionTimestamp") or status.is_finished(merge.get("status"), meta["generation"]):
+    finished = status.is_finished(merge.get("status"), meta["generation"])
+    if meta.get("deletionTimestamp") or (finished and not status.is_refused(merge.get("status"))):
         return False
     try:
         spec = parse_spec(dict(merge["spec"]))
@@ -100,6 +118,10 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
     job = job_manifest.render_job(merge, spec, ctx.settings)
     if any(j["metadata"]["name"] == job["metadata"]["name"] for j in ctx.jobs_of(meta["uid"])):
         return True  # adopted: it already runs (e.g. the operator restarted mid-merge)
+    refusal = await _policy_refusal(ctx, merge, spec)
+    ctx.refusals[meta["uid"]] = (meta["generation"], refusal)
+    if refusal:
+        return False  # refresh_status reports it
     await _create_owned(ctx, job_manifest.render_configmap(merge), meta["uid"])
     if await _create_owned(ctx, job, meta["uid"]):
         metrics.count_job_created(meta["namespace"])
@@ -119,7 +141,8 @@ async def refresh_status(ctx: Context, namespace: str, name: str, uid: str) -> N
         if merge is None or merge["metadata"]["uid"] != uid:
             return  # deleted (or replaced by a new resource of that name, which has its own events)
         observed_at = now()
-        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), observed_at)
+        refusal = ctx.refusal_of(uid, merge["metadata"]["generation"])
+        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), observed_at, refusal=refusal)
         previous = status.own_status(merge.get("status"))
         if desired == previous:
             return

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 from merge_worker import __version__
 
+from adaptermerge_operator.policy import Policy
+
 DEFAULT_WORKER_IMAGE = f"ghcr.io/adaptermerge/adaptermerge-worker:{__version__}"
 # The unprivileged user the Dockerfile's worker image creates.
 DEFAULT_WORKER_UID = 10001
@@ -34,6 +36,7 @@ class Settings:
     worker_uid: int = DEFAULT_WORKER_UID
     worker_gid: int = DEFAULT_WORKER_UID
     metrics_port: int = 0  # 0: no /metrics endpoint (the chart turns it on)
+    policy: Policy = field(default_factory=Policy)  # the tenant policy; the default restricts nothing
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -52,6 +55,7 @@ class Settings:
             worker_uid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_USER", defaults.worker_uid),
             worker_gid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_GROUP", defaults.worker_gid),
             metrics_port=_port(env, "ADAPTERMERGE_METRICS_PORT"),
+            policy=_policy(env, "ADAPTERMERGE_POLICY"),
         )
 
 
@@ -94,6 +98,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if value < 1:
         raise SettingsError(f"{name}={value}: the worker must not run as root")
     return value
+
+
+def _policy(env: Mapping[str, str], name: str) -> Policy:
+    try:
+        return Policy.from_json(name, env.get(name, ""))
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
 
 
 def _port(env: Mapping[str, str], name: str) -> int:

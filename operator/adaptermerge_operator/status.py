@@ -22,6 +22,7 @@ OWN_KEYS = ("phase", "observedGeneration", "jobName", "startTime", "completionTi
 # Result-summary keys (docs/interfaces.md #5) that go to status.result; message and output go elsewhere.
 RESULT_KEYS = ("seconds", "modules", "maxReconstructionError", "rank", "retention", "exitCode")
 # Worker reasons kept as the condition's reason; any other failure reads JobFailed.
+POLICY_REASON = "PolicyViolation"  # the tenant policy refused the spec: no Job
 WORKER_REASONS = ("InvalidSpec", "RetentionBelowThreshold")
 
 
@@ -176,10 +177,25 @@ def own_status(status: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key: status[key] for key in OWN_KEYS if status and key in status}
 
 
+def is_refused(status: Mapping[str, Any] | None) -> bool:
+    """Whether the verdict is a tenant-policy refusal (looked at again: the policy may change)."""
+    conditions = (status or {}).get("conditions") or []
+    return any(c.get("type") == READY and c.get("reason") == POLICY_REASON for c in conditions)
+
+
 def is_finished(status: Mapping[str, Any] | None, generation: int) -> bool:
     """Whether this generation's merge already has its verdict (its Job may since be gone: TTL)."""
     status = status or {}
     return status.get("observedGeneration") == generation and status.get("phase") in FINISHED_PHASES
+
+
+def _no_job(verdict: Verdict, generation: int, conditions: list[dict], now: str) -> dict[str, Any]:
+    """The status of a generation that gets no Job (invalid spec, refused by the tenant policy)."""
+    return {
+        "phase": verdict.phase,
+        "observedGeneration": generation,
+        "conditions": [_ready_condition(verdict, generation, conditions, now)],
+    }
 
 
 def desired_status(
@@ -187,8 +203,10 @@ def desired_status(
     jobs: Iterable[Mapping[str, Any]],
     pods: Iterable[Mapping[str, Any]],
     now: str,
+    refusal: str | None = None,
 ) -> dict[str, Any]:
-    """The operator's part of the resource's status, given its current Jobs and their pods."""
+    """The operator's part of the resource's status, given its current Jobs and their pods, and why
+    the tenant policy refuses the spec (refusal; it matters only while no Job exists)."""
     meta = merge["metadata"]
     generation = meta["generation"]
     previous = own_status(merge.get("status"))
@@ -196,14 +214,11 @@ def desired_status(
     try:
         spec = parse_spec(dict(merge["spec"]))
     except SpecError as error:
-        verdict = Verdict("Failed", "InvalidSpec", f"{error.field}: {error.message}")
-        return {
-            "phase": verdict.phase,
-            "observedGeneration": generation,
-            "conditions": [_ready_condition(verdict, generation, conditions, now)],
-        }
+        return _no_job(Verdict("Failed", "InvalidSpec", f"{error.field}: {error.message}"), generation, conditions, now)
     job_name = names.job_name(meta["name"], generation)
     job = next((j for j in jobs if j["metadata"]["name"] == job_name), None)
+    if refusal is not None and job is None:
+        return _no_job(Verdict("Failed", POLICY_REASON, refusal), generation, conditions, now)
     job_pods = pods_of(job_name, pods)
     report, raw = worker_report(job_pods)
     late_result = report is not None and job is not None and not previous.get("result")

@@ -175,3 +175,12 @@ def test_worker_identity_can_do_nothing(control_plane, namespace):
     kubeconfig = control_plane.kubeconfig_for_token(token)
     everything = checks_of({**NAMESPACED, **CLUSTER_WIDE_ONLY}) + FORBIDDEN
     assert wrongly_answered(control_plane, kubeconfig, everything, namespace, allowed=False) == []
+
+
+def test_claim_labels_in_the_policy_add_reading_claims_and_nothing_else(render):
+    labelled = {"policy": {"claims": {"matchLabels": {"adaptermerge.io/allowed": "true"}}}}
+    (cluster_role,) = rbac(render(labelled), "ClusterRole")
+    claims = {("", "persistentvolumeclaims", "get")}
+    assert granted(cluster_role["rules"]) == expand({**NAMESPACED, **CLUSTER_WIDE_ONLY}) | claims
+    for role in rbac(render({**labelled, "watchNamespaces": ["team-a"]}), "Role"):
+        assert granted(role["rules"]) == expand(NAMESPACED) | claims

@@ -24,8 +24,8 @@ class OperatorProcess:
                  args: tuple[str, ...] = ()):
         self.metrics_port = free_port()
         self.log = log
-        environment = {**os.environ, "KUBECONFIG": str(kubeconfig),
-                       "ADAPTERMERGE_METRICS_PORT": str(self.metrics_port), **(env or {})}
+        environment = {**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig),
+                       "ADAPTERMERGE_METRICS_PORT": str(self.metrics_port)}  # a free port: tests run in parallel
         with log.open("w") as out:
             self.process = subprocess.Popen(
                 [str(CLI), "operator", "--standalone", "--namespace", namespace, *args],
