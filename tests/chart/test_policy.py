@@ -191,3 +191,23 @@ def test_admission_leaves_writes_that_keep_the_spec_alone(control_plane, namespa
     done = control_plane.kubectl("patch", "adaptermerge", "older", "-n", namespace, "--type=merge",
                                  "-p", '{"spec": {"job": {"gpus": 1}}}', check=False)
     assert done.returncode != 0 and "priorityClassName" in done.stderr, done.stderr
+
+
+@pytest.mark.cluster
+def test_cluster_wide_merges_only_where_the_worker_service_account_exists(control_plane, helm, chart_crds, namespace,
+                                                                          extra_namespace):
+    values = {"fullnameOverride": object_prefix(namespace), "policy": POLICY}  # cluster-wide: no watchNamespaces
+    documents = list(yaml.safe_load_all(helm_template(helm, namespace, values, show_only=("templates/policy.yaml",))))
+    # Cluster-wide, the binding covers every namespace; here only these two, so other tests never meet it.
+    binding = next(d for d in documents if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    binding["spec"]["matchResources"] = {"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [namespace, extra_namespace]}]}}
+    manifest = yaml.safe_dump_all(documents)
+    control_plane.kubectl("apply", "-f", "-", input=manifest)
+    try:
+        wait_until(lambda: dry_run(control_plane, extra_namespace, {}).returncode != 0, 30, "the policy in force")
+        assert "worker's ServiceAccount" in dry_run(control_plane, extra_namespace, {}).stderr
+        done = dry_run(control_plane, namespace, {})  # the release namespace has the worker's account
+        assert done.returncode == 0, done.stderr
+    finally:
+        control_plane.kubectl("delete", "-f", "-", input=manifest, check=False)
