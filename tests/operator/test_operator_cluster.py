@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.control_plane import wait_until as control_plane_wait_until
+from support.operator_process import stop_operator
 
 pytestmark = pytest.mark.cluster
 
@@ -124,13 +124,8 @@ class Operator:
         )
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process:
+            stop_operator(self.process)
 
     def wait_for_log(self, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -254,12 +249,13 @@ def test_missing_adapter_fails_with_the_worker_message(control_plane, namespace,
 
 def test_spec_the_crd_cannot_check_fails_without_a_job(control_plane, namespace, operator, claims):
     claim = claims.make()
-    spec = resource("dupes", claim)
-    spec["spec"]["adapters"][1]["name"] = "a"  # duplicate adapter names: only the models know
+    # An evaluation dataset naming an adapter the spec does not have: only the models know.
+    spec = resource("dupes", claim, evaluation={"datasets": [{"name": "d", "adapter": "c", "path": "d.jsonl"}]})
     apply(control_plane, namespace, spec)
 
     merge = wait_until(phase_is(control_plane, namespace, "dupes", "Failed"), "phase Failed", operator, control_plane, 60)
-    assert ready(merge)["reason"] == "InvalidSpec" and ready(merge)["message"].startswith("spec.adapters[1].name")
+    assert ready(merge)["reason"] == "InvalidSpec"
+    assert ready(merge)["message"].startswith("spec.evaluation.datasets[0].adapter")
     assert jobs(control_plane, namespace) == []
     assert "Traceback" not in operator.log_file.read_text()
 

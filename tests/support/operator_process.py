@@ -17,10 +17,22 @@ from support.control_plane import free_port
 CLI = Path(sys.executable).parent / "adaptermerge"
 
 
-class OperatorProcess:
-    """`adaptermerge operator --standalone -n NAMESPACE [args]` with the given kubeconfig and env."""
+def stop_operator(process: subprocess.Popen) -> None:
+    """SIGTERM (kopf's graceful stop), then SIGKILL of its session after 20 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, env: dict[str, str] | None = None,
+
+class OperatorProcess:
+    """`adaptermerge operator --standalone -n NAMESPACE [args]` with the given kubeconfig and env
+    (namespace None: pass --all-namespaces or -n in args)."""
+
+    def __init__(self, kubeconfig: Path, namespace: str | None, log: Path, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = ()):
         self.metrics_port = free_port()
         self.log = log
@@ -28,7 +40,7 @@ class OperatorProcess:
                        "ADAPTERMERGE_METRICS_PORT": str(self.metrics_port)}  # a free port: tests run in parallel
         with log.open("w") as out:
             self.process = subprocess.Popen(
-                [str(CLI), "operator", "--standalone", "--namespace", namespace, *args],
+                [str(CLI), "operator", "--standalone", *(["--namespace", namespace] if namespace else []), *args],
                 env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -63,13 +75,7 @@ class OperatorProcess:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_operator(self.process)
 
 
 class RequestLog:
