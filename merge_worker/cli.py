@@ -2,7 +2,8 @@
 CRD, or run the operator. See docs/cli.md.
 
 Imports stay light at module level (pydantic, PyYAML): the operator image has no torch, and `crd` /
-`operator` must work there. The worker (torch) is imported only by `run` and `validate`.
+`operator` must work there. The worker (torch) is imported only by `run`; `validate` reads the inputs
+with numpy and never imports torch.
 
 Exit codes (../shared/API.md): 0 done; 2 invalid input (the message names the field or path, nothing is
 written); 3 merge written but evaluation below minRetention; 1 anything else.
@@ -25,24 +26,21 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def load_spec_file(path: Path) -> AdapterMergeSpec:
-    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column."""
-    import yaml
+    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column.
+    Aliases, nesting deeper than MAX_SPEC_DEPTH and NUL bytes are refused (merge_worker.spec_yaml)."""
+    from merge_worker.spec_yaml import load_spec_document
+
+    return parse_resource(load_spec_document(Path(path))).spec
+
+
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject's), read from its metadata: no torch import."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(str(path), f"cannot read the file: {exc}") from None
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise SpecError(where, f"malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
-    if len(documents) != 1:
-        raise SpecError(str(path), f"expected one YAML document (an AdapterMerge), found {len(documents)}")
-    return parse_resource(documents[0]).spec
+        return version("adaptermerge")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 done, 1 failure, 2 invalid input (nothing written), "
                "3 merge written but evaluation below minRetention",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_inputs(p: argparse.ArgumentParser) -> None:
@@ -68,7 +67,23 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check the spec and every input without writing")
     with_inputs(validate)
+    validate.add_argument("--result-file", type=Path, metavar="PATH",
+                          help="check that run could write its result summary here (nothing is written)")
     validate.set_defaults(handler=_validate)
+
+    convert = commands.add_parser(
+        "from-mergekit", help="print the AdapterMerge resource for a mergekit YAML of BASE+ADAPTER models",
+        description="Translate a mergekit merge configuration whose models are LoRA adapters of its"
+                    " base_model (BASE+ADAPTER) into an AdapterMerge resource on stdout; what cannot be"
+                    " translated exactly is an error naming the mergekit field (exit 2).")
+    convert.add_argument("file", type=Path, help="a mergekit YAML (merge_method, base_model, models, ...)")
+    convert.add_argument("--claim", default="models", help="claim holding the base and adapters (spec.volume)")
+    convert.add_argument("--root", type=Path, help="folder the claim mounts: absolute paths are made relative to it")
+    convert.add_argument("--output", default="merged", help="output path inside the claim (default: merged)")
+    convert.add_argument("--name", help="metadata.name (default: from the file name)")
+    convert.add_argument("--format", default="merged-model", choices=["merged-model", "adapter"],
+                         help="merged-model, as mergekit writes (default), or a LoRA adapter")
+    convert.set_defaults(handler=_from_mergekit)
 
     crd = commands.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(handler=_crd)
@@ -109,6 +124,14 @@ def _run(args: argparse.Namespace) -> int:
                 exit_code, message, seconds=time.monotonic() - started))
         return exit_code
 
+    if args.result_file:
+        try:  # before anything else: an unwritable result file could not even report the error
+            from merge_worker.inputs.validation import check_result_file
+
+            check_result_file(args.result_file)
+        except SpecError as exc:
+            _error(str(exc))
+            return EXIT_INVALID
     previous_handler = _terminate_as_interrupt()
     try:
         spec = load_spec_file(args.file)
@@ -136,17 +159,38 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """The checks `run` makes before merging (the same function), without torch and writing nothing."""
     try:
+        from merge_worker.inputs.validation import check_result_file, load_inputs
+
+        if args.result_file:
+            check_result_file(args.result_file)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        from merge_worker.run import load_inputs
-
         inputs = load_inputs(spec, volumes)
     except SpecError as exc:
         _error(str(exc))
         return EXIT_INVALID
     print(f"{args.file}: valid: {len(inputs.adapters)} adapters, {len(inputs.plan)} modules, "
           f"method {spec.method}, output {spec.output.format} at {inputs.output_path}")
+    return EXIT_OK
+
+
+def _from_mergekit(args: argparse.Namespace) -> int:
+    import re
+
+    from merge_worker.from_mergekit import TranslationError, load_config, to_yaml, translate
+
+    name = args.name or re.sub(r"[^a-z0-9-]+", "-", args.file.stem.lower()).strip("-") or "merge"
+    try:
+        resource, notes = translate(load_config(args.file), claim=args.claim, output=args.output, name=name,
+                                    root=args.root, output_format=args.format)
+    except TranslationError as exc:
+        _error(f"{args.file}: {exc.field}: {exc.message}")
+        return EXIT_INVALID
+    for note in notes:
+        print(f"adaptermerge: note: {note}", file=sys.stderr)
+    sys.stdout.write(to_yaml(resource))
     return EXIT_OK
 
 

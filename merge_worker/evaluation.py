@@ -25,6 +25,7 @@ from merge_worker.eval_datasets import read_jsonl
 from merge_worker.spec import AdapterMergeSpec
 
 IGNORE = -100  # label of positions that are not scored (prompt, padding), as transformers uses it
+GENERATION_ROWS = 256  # rows generated together on a GPU (KV cache: about 0.13 MB per token per row at 8B)
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -60,33 +61,90 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:
-    # Similar lengths together waste less compute on padding; the token-weighted mean ignores order.
-    ordered = sorted(examples, key=lambda e: len(e.prompt_ids) + len(e.completion_ids))
-    for start in range(0, len(ordered), batch_size):
-        yield ordered[start : start + batch_size]
+@dataclass(frozen=True)
+class Task:
+    """One measurement: `examples` scored with `adapter` active (None: the bare base)."""
+
+    key: Any
+    examples: Sequence[Example]
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class _Row:
+    task: int
+    example: Example
+    adapter: str | None
+
+
+AdapterContext = Callable[[str | None], Any]  # runs a batch of one adapter: a context manager
+
+
+def _row_batches(tasks: Sequence[Task], batch_size: int, mixed: bool, length: Callable[[Example], int]
+                 ) -> Iterator[list[_Row]]:
+    """Every task's rows in batches of similar length. mixed: rows of different adapters may share a
+    batch (PEFT runs each adapter on its rows); else every batch holds one adapter's rows."""
+    rows = [_Row(i, e, t.adapter) for i, t in enumerate(tasks) for e in t.examples]
+    key = (lambda r: length(r.example)) if mixed else (lambda r: (r.adapter or "", length(r.example)))
+    batch: list[_Row] = []
+    for row in sorted(rows, key=key):
+        if batch and (len(batch) == batch_size or (not mixed and row.adapter != batch[0].adapter)):
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def _run_batch(batch: list[_Row], mixed: bool, using: AdapterContext, fn: Callable[..., Any]) -> Any:
+    """fn(**extra) with the batch's adapters active: per row through PEFT's adapter_names when mixed."""
+    if mixed:
+        return fn(adapter_names=[r.adapter or "__base__" for r in batch])
+    with using(batch[0].adapter):
+        return fn()
 
 
 # -- measurements -------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def completion_loss(model: Any, examples: Sequence[Example], *, batch_size: int, pad_id: int,
-                    device: torch.device) -> float:
-    """Mean negative log-likelihood per completion token over all `examples`."""
-    total, count = 0.0, 0
-    for chunk in batches(examples, batch_size):
-        batch = collate(chunk, pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
+def completion_losses(model: Any, tasks: Sequence[Task], *, batch_size: int, pad_id: int, device: torch.device,
+                      mixed: bool = False, using: AdapterContext | None = None) -> dict[Any, float]:
+    """Mean negative log-likelihood per completion token of each task's examples."""
+    totals, counts = [0.0] * len(tasks), [0] * len(tasks)
+    length = lambda e: len(e.prompt_ids) + len(e.completion_ids)  # noqa: E731
+    for chunk in _row_batches(tasks, batch_size, mixed, length):
+        batch = collate([r.example for r in chunk], pad_id)
+        logits = _run_batch(chunk, mixed, using or _no_adapters, lambda **extra: model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **extra
+        ).logits)
         # Position t predicts token t+1; keep only the scored positions before the softmax (memory).
         targets = batch["labels"][:, 1:].to(device)
         scored = targets != IGNORE
         log_probs = logits[:, :-1][scored].float().log_softmax(dim=-1)
-        total -= log_probs.gather(1, targets[scored].unsqueeze(1)).sum().item()
-        count += int(scored.sum())
-    return total / count
+        picked = log_probs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
+        row_of = scored.nonzero()[:, 0]
+        per_row = torch.zeros(len(chunk), dtype=torch.float64, device=picked.device)
+        per_row.index_add_(0, row_of, picked.double())
+        row_counts = scored.sum(dim=1).tolist()
+        for row, total, count in zip(chunk, per_row.tolist(), row_counts):
+            totals[row.task] -= total
+            counts[row.task] += count
+    return {t.key: total / count for t, total, count in zip(tasks, totals, counts)}
+
+
+def completion_loss(model: Any, examples: Sequence[Example], *, batch_size: int, pad_id: int,
+                    device: torch.device) -> float:
+    """Mean negative log-likelihood per completion token over all `examples`."""
+    return completion_losses(model, [Task(0, examples)], batch_size=batch_size, pad_id=pad_id, device=device)[0]
+
+
+def _no_adapters(adapter: str | None):
+    from contextlib import nullcontext
+
+    if adapter is not None:
+        raise ValueError(f"adapter {adapter!r} is not attached")
+    return nullcontext()
 
 
 def still_possible(generated: str, expected: str) -> bool:
@@ -112,27 +170,39 @@ class StopWhenDecided:
 
 
 @torch.no_grad()
+def exact_match_rates(model: Any, tokenizer: Any, tasks: Sequence[Task], *, batch_size: int, max_new_tokens: int,
+                      device: torch.device, mixed: bool = False, using: AdapterContext | None = None
+                      ) -> dict[Any, float]:
+    """Per task, the fraction of examples whose greedy completion equals the expected one (surrounding
+    space ignored)."""
+    from transformers import StoppingCriteriaList
+
+    hits = [0] * len(tasks)
+    pad_id = tokenizer.pad_token_id
+    for chunk in _row_batches(tasks, batch_size, mixed, lambda e: len(e.prompt_ids)):
+        examples = [r.example for r in chunk]
+        width = max(len(e.prompt_ids) for e in examples)
+        # Left padding, so every row's generation starts right after its own prompt.
+        input_ids = torch.tensor([[pad_id] * (width - len(e.prompt_ids)) + list(e.prompt_ids) for e in examples])
+        attention_mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids)
+                                       for e in examples])
+        stop = StopWhenDecided(tokenizer, [e.completion for e in examples], width)
+        out = _run_batch(chunk, mixed, using or _no_adapters, lambda **extra: model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id, stopping_criteria=StoppingCriteriaList([stop]), **extra,
+        ))
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for row, text in zip(chunk, texts):
+            hits[row.task] += text.strip() == row.example.completion.strip()
+    return {t.key: h / len(t.examples) for t, h in zip(tasks, hits)}
+
+
 def exact_match_rate(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int,
                      max_new_tokens: int, device: torch.device) -> float:
     """Fraction of examples whose greedy completion equals the expected one (surrounding space ignored)."""
-    from transformers import StoppingCriteriaList
-
-    hits = 0
-    pad_id = tokenizer.pad_token_id
-    for chunk in batches(examples, batch_size):
-        width = max(len(e.prompt_ids) for e in chunk)
-        # Left padding, so every row's generation starts right after its own prompt.
-        input_ids = torch.tensor([[pad_id] * (width - len(e.prompt_ids)) + list(e.prompt_ids) for e in chunk])
-        attention_mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in chunk])
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([StopWhenDecided(tokenizer, [e.completion for e in chunk], width)]),
-        )
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        hits += sum(text.strip() == e.completion.strip() for text, e in zip(texts, chunk))
-    return hits / len(examples)
+    return exact_match_rates(model, tokenizer, [Task(0, examples)], batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, device=device)[0]
 
 
 def retention(base_loss: float, source_loss: float, merged_loss: float) -> float | None:
@@ -185,15 +255,29 @@ class Scorer:
         self.model.set_adapter(adapter)
         return nullcontext()
 
+    def _mixed(self) -> bool:
+        """Whether one batch may mix adapters: PEFT's causal-LM wrapper takes adapter_names per row."""
+        from peft import PeftModelForCausalLM
+
+        return isinstance(self.model, PeftModelForCausalLM)
+
+    def losses(self, tasks: Sequence[Task]) -> dict[Any, float]:
+        return completion_losses(self.model, tasks, batch_size=self.batch_size, pad_id=self.tokenizer.pad_token_id,
+                                 device=self.device, mixed=self._mixed(), using=self._using)
+
+    def exact_matches(self, tasks: Sequence[Task]) -> dict[Any, float]:
+        # Generation is bound by one pass over the weights per token, not by the rows: on a GPU every row
+        # of every task goes into one batch where it fits (GENERATION_ROWS), with a KV cache and a stop per row.
+        rows = max(self.batch_size, GENERATION_ROWS) if self.device.type == "cuda" else self.batch_size
+        return exact_match_rates(self.model, self.tokenizer, tasks, batch_size=rows,
+                                 max_new_tokens=self.max_new_tokens, device=self.device, mixed=self._mixed(),
+                                 using=self._using)
+
     def loss(self, examples: Sequence[Example], adapter: str | None = None) -> float:
-        with self._using(adapter):
-            return completion_loss(self.model, examples, batch_size=self.batch_size,
-                                   pad_id=self.tokenizer.pad_token_id, device=self.device)
+        return self.losses([Task(0, examples, adapter)])[0]
 
     def exact_match(self, examples: Sequence[Example], adapter: str | None = None) -> float:
-        with self._using(adapter):
-            return exact_match_rate(self.model, self.tokenizer, examples, batch_size=self.batch_size,
-                                    max_new_tokens=self.max_new_tokens, device=self.device)
+        return self.exact_matches([Task(0, examples, adapter)])[0]
 
 
 # -- the runner's entry point (docs/interfaces.md #4) ------------------------------------------------------------
@@ -214,14 +298,29 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _score(scorer: Scorer, datasets: Sequence[Any], examples: dict[str, list[Example]],
+           roles: dict[str, str | None]) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Losses and exact-match rates keyed (dataset, role); a role's adapter "source" means the dataset's
+    own source adapter."""
+    def adapter(d: Any, role_adapter: str | None) -> str | None:
+        return source_adapter_name(d.adapter) if role_adapter == "source" else role_adapter
+
+    tasks, exact_tasks = [], []
+    for d in datasets:
+        for role, role_adapter in roles.items():
+            tasks.append(Task((d.name, role), examples[d.name], adapter(d, role_adapter)))
+            if d.exact_match:
+                exact_tasks.append(tasks[-1])
+    return scorer.losses(tasks), (scorer.exact_matches(exact_tasks) if exact_tasks else {})
+
+
 def read_datasets(spec: AdapterMergeSpec, volumes: Any) -> dict[str, list[dict[str, str]]]:
     """Every evaluation dataset's rows, checked (SpecError naming the field) before any model loads."""
     assert spec.evaluation is not None
     datasets = {}
     for i, d in enumerate(spec.evaluation.datasets):
         field = f"spec.evaluation.datasets[{i}].path"
-        path = volumes.resolve(spec, d, field, expect="file")
-        datasets[d.name] = read_jsonl(path, field, d.max_examples)
+        datasets[d.name] = read_jsonl(volumes.open_file(spec, d, field), field, d.max_examples)
     return datasets
 
 
@@ -233,11 +332,11 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
     started = time.monotonic()
     evaluation = spec.evaluation
     rows = read_datasets(spec, volumes)
-    base_path = volumes.resolve(spec, spec.base_model, "spec.baseModel.path", expect="dir")
+    # Views: folders that read exactly the files validation checked (docs/cli.md, reading guarantees).
+    base_path = volumes.view_of(spec, spec.base_model, "spec.baseModel.path")
     adapters = {a.name: (i, a) for i, a in enumerate(spec.adapters)}
     sources = {
-        d.adapter: volumes.resolve(spec, adapters[d.adapter][1], f"spec.adapters[{adapters[d.adapter][0]}].path",
-                                   expect="dir")
+        d.adapter: volumes.view_of(spec, adapters[d.adapter][1], f"spec.adapters[{adapters[d.adapter][0]}].path")
         for d in evaluation.datasets
     }
 
@@ -251,37 +350,38 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
     for name, path in sources.items():
         scorer.attach(source_adapter_name(name), path)
 
-    results: dict[str, dict[str, Any]] = {}
-    exact: dict[str, dict[str, float]] = {}
-    for d in evaluation.datasets:
-        data, source = examples[d.name], source_adapter_name(d.adapter)
-        log(f"evaluation: {d.name}: base and source {d.adapter} on {len(data)} examples")
-        results[d.name] = {"adapter": d.adapter, "examples": len(data),
-                           "baseLoss": scorer.loss(data), "sourceLoss": scorer.loss(data, source)}
-        if d.exact_match:
-            exact[d.name] = {"base": scorer.exact_match(data), "source": scorer.exact_match(data, source)}
-
     merged_adapter: str | None = None
     quantization = loaded.quantization
     if spec.output.format == "adapter":
         scorer.attach(MERGED, merged_dir)
         merged_adapter = MERGED
-    else:
+    # Every (dataset, model) pair the loaded model can score, measured together: one set of batches
+    # for all the losses and one for all the generations, mixing adapters within a batch.
+    roles = {"base": None, "source": "source"} | ({"merged": merged_adapter} if merged_adapter else {})
+    log(f"evaluation: {', '.join(roles)} on {', '.join(f'{d.name} ({len(examples[d.name])})' for d in evaluation.datasets)}")
+    losses, exact = _score(scorer, evaluation.datasets, examples, roles)
+    if merged_adapter is None:
         scorer.model = loaded = None  # one model in memory at a time
         release_memory(device)
         log("evaluation: loading the merged model")
         merged = load_causal_lm(merged_dir, spec.base_model.quantization, device)
         scorer.model, quantization = merged.model, merged.quantization
+        log("evaluation: merged model on every dataset")
+        more_losses, more_exact = _score(scorer, evaluation.datasets, examples, {"merged": None})
+        losses |= more_losses
+        exact |= more_exact
+
+    results: dict[str, dict[str, Any]] = {}
     for d in evaluation.datasets:
-        data, result = examples[d.name], results[d.name]
-        log(f"evaluation: {d.name}: merged output")
-        result["mergedLoss"] = scorer.loss(data, merged_adapter)
+        result = results[d.name] = {"adapter": d.adapter, "examples": len(examples[d.name]),
+                                    "baseLoss": losses[d.name, "base"], "sourceLoss": losses[d.name, "source"],
+                                    "mergedLoss": losses[d.name, "merged"]}
         result["retention"] = retention(result["baseLoss"], result["sourceLoss"], result["mergedLoss"])
         if result["retention"] is None:
             notes.append(f"{d.name}: retention undefined, the source adapter is no better than the base there")
         result["exactMatch"] = None
         if d.exact_match:
-            result["exactMatch"] = {**exact[d.name], "merged": scorer.exact_match(data, merged_adapter)}
+            result["exactMatch"] = {role: exact[d.name, role] for role in ("base", "source", "merged")}
 
     threshold = evaluation.min_retention
     below = [n for n, r in results.items() if threshold is not None and r["retention"] is not None

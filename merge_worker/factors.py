@@ -40,6 +40,20 @@ class MergeParams:
     lambda_: float = 1.0
     t: float = 0.5
     seed: int = 0
+    # Per-adapter overrides of density/gamma/epsilon (None entries fall back to the global value).
+    densities: tuple[float | None, ...] | None = None
+    gammas: tuple[float | None, ...] | None = None
+    epsilons: tuple[float | None, ...] | None = None
+    gamma: float | None = None  # breadcrumbs; None: mergekit's 0.01
+    epsilon: float | None = None  # della; None: mergekit's 0.15
+    normalize: bool | None = None  # None: the method's default under `conventions`
+    rescale: str | None = None  # "l1" | "inverse-probability" | "none"; None: the method's default
+    conventions: str = "adaptermerge"  # or "mergekit": int(density * n) kept, + elected on a zero sign sum
+    select_topk: float = 1.0  # sce
+
+    @property
+    def mergekit(self) -> bool:
+        return self.conventions == "mergekit"
 
 
 @dataclass(frozen=True)

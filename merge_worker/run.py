@@ -24,162 +24,22 @@ from typing import Any
 
 import torch
 
-from merge_worker.adapter_io import (
-    Adapter,
-    AdapterError,
-    ModulePlan,
-    check_same_base,
-    iter_module_factors,
-    plan_modules,
-    read_adapter,
-)
+from merge_worker.adapter_io import iter_module_factors
 from merge_worker.adapter_writer import AdapterWriter
-from merge_worker.base_weights import BaseWeights, BaseWeightsError
-from merge_worker.eval_datasets import read_jsonl
 from merge_worker.factors import LoraFactors, MergeParams
+from merge_worker.inputs.validation import Inputs, load_inputs
 from merge_worker.manifest import FileDigests, build_manifest, describe_input, write_manifest
-from merge_worker.merged_model_writer import weight_name, write_merged_model
+from merge_worker.merged_model_writer import write_merged_model
 from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, log, merge_summary
 from merge_worker.result import build_result
 from merge_worker.spec import AdapterMergeSpec, SpecError
-from merge_worker.volumes import Volumes, ensure_inside
+from merge_worker.volumes import Volumes
 
 Log = Callable[[str], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# -- validation: everything before anything is written ---------------------------------------------
-
-
-@dataclass
-class Inputs:
-    spec: AdapterMergeSpec
-    volumes: Volumes
-    adapters: list[Adapter]
-    adapter_paths: list[Path]
-    plan: list[ModulePlan]
-    saved: dict[str, tuple[bool, ...]]  # modules_to_save tensor name -> which adapters carry it
-    base: BaseWeights | None
-    base_path: Path | None
-    dataset_paths: list[Path]
-    output_path: Path
-
-
-def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
-    """Resolves and checks every input of `spec`; raises SpecError naming the field at fault."""
-    adapter_paths = [
-        volumes.resolve(spec, a, f"spec.adapters[{i}].path", expect="dir") for i, a in enumerate(spec.adapters)
-    ]
-    base_path = (
-        volumes.resolve(spec, spec.base_model, "spec.baseModel.path", expect="dir") if spec.base_model else None
-    )
-    dataset_paths = [
-        volumes.resolve(spec, d, f"spec.evaluation.datasets[{i}].path", expect="file")
-        for i, d in enumerate(spec.evaluation.datasets if spec.evaluation else [])
-    ]
-    output_path = volumes.resolve(spec, spec.output, "spec.output.path", expect="output")
-    roots = {claim: volumes.root(claim, "spec").resolve() for claim in spec.claims()}
-
-    adapters = _read_adapters(spec, adapter_paths, roots)
-    fields = {a.path: f"spec.adapters[{i}].path" for i, a in enumerate(adapters)}
-    try:
-        if not spec.allow_base_mismatch:
-            check_same_base(adapters)
-        plan = plan_modules(adapters)
-        # One thread per adapter: the scan is reads and torch reductions, which release the GIL.
-        with ThreadPoolExecutor(max_workers=min(len(adapters), os.cpu_count() or 1)) as pool:
-            list(pool.map(Adapter.check_finite, adapters))  # raises the first failing adapter's error
-    except AdapterError as exc:
-        raise SpecError(fields[exc.path], str(exc)) from None
-    saved = {
-        name: tuple(name in a.saved for a in adapters)
-        for name in sorted(set().union(*(a.saved for a in adapters)))
-    }
-    base = _open_base(spec, base_path, roots) if base_path else None
-    _check_against_base(spec, adapters, plan, saved, base)
-    for i, (ref, path) in enumerate(zip(spec.evaluation.datasets if spec.evaluation else [], dataset_paths)):
-        read_jsonl(path, f"spec.evaluation.datasets[{i}].path", ref.max_examples)  # evaluation reads it again
-    _check_output(spec, output_path, adapter_paths + ([base_path] if base_path else []))
-    return Inputs(spec, volumes, adapters, adapter_paths, plan, saved, base, base_path, dataset_paths,
-                  output_path)
-
-
-def _read_adapters(spec: AdapterMergeSpec, paths: list[Path], roots: dict[str, Path]) -> list[Adapter]:
-    adapters = []
-    for i, (ref, path) in enumerate(zip(spec.adapters, paths)):
-        field_name = f"spec.adapters[{i}].path"
-        try:
-            adapter = read_adapter(path)
-        except AdapterError as exc:
-            raise SpecError(field_name, str(exc)) from None
-        _check_files_inside(adapter.files(), roots[spec.claim_of(ref)], field_name)
-        adapters.append(adapter)
-    return adapters
-
-
-def _check_files_inside(files: list[Path], root: Path, field_name: str) -> None:
-    """A file inside an input folder may be a symlink too: it must not lead out of the volume."""
-    for path in files:
-        ensure_inside(path, root, field_name)
-
-
-def _open_base(spec: AdapterMergeSpec, path: Path, roots: dict[str, Path]) -> BaseWeights:
-    try:
-        base = BaseWeights(path)
-    except BaseWeightsError as exc:
-        raise SpecError("spec.baseModel.path", str(exc)) from None
-    _check_files_inside(base.files(), roots[spec.claim_of(spec.base_model)], "spec.baseModel.path")
-    return base
-
-
-def _check_against_base(
-    spec: AdapterMergeSpec,
-    adapters: list[Adapter],
-    plan: list[ModulePlan],
-    saved: dict[str, tuple[bool, ...]],
-    base: BaseWeights | None,
-) -> None:
-    def field_of(present: tuple[bool, ...]) -> str:
-        return f"spec.adapters[{present.index(True)}].path"
-
-    fan_in_fan_out = adapters[0].config.fan_in_fan_out
-    for module in plan if base else []:
-        name = weight_name(module.name)
-        out, inp = module.shape
-        expected = (inp, out) if module.kind == "embedding" or fan_in_fan_out else (out, inp)
-        if name not in base:
-            raise SpecError(field_of(module.present), f"module {module.name}: the base model has no {name}")
-        if base.shape(name) != expected:
-            raise SpecError(
-                field_of(module.present),
-                f"module {module.name}: the adapter's delta fits a weight of shape {list(expected)}, "
-                f"but the base model's {name} is {list(base.shape(name))}",
-            )
-    for name, present in saved.items():
-        carriers = [a for a, p in zip(adapters, present) if p]
-        if base is not None:
-            if name not in base or base.shape(name) != carriers[0].saved_shape(name):
-                raise SpecError(field_of(present), f"modules_to_save tensor {name} does not match the base model")
-            continue
-        first = carriers[0].saved_tensor(name)
-        for i, adapter in enumerate(adapters):
-            if name not in adapter.saved or not torch.equal(adapter.saved_tensor(name), first):
-                raise SpecError(
-                    f"spec.adapters[{i}].path",
-                    f"{adapter.path}: modules_to_save tensor {name} differs between the adapters (or is "
-                    "missing from this one); merging it needs spec.baseModel",
-                )
-
-
-def _check_output(spec: AdapterMergeSpec, output: Path, inputs: list[Path]) -> None:
-    for path in inputs:
-        if output == path or output.is_relative_to(path) or path.is_relative_to(output):
-            raise SpecError("spec.output.path", f"{output} overlaps the input {path}")
-    if output.exists() and not spec.output.overwrite:
-        raise SpecError(
-            "spec.output.path",
-            f"{spec.output.path!r} already exists ({output}); set spec.output.overwrite: true to replace it",
-        )
+# -- validation: everything before anything is written (merge_worker.inputs.validation) ---------------
 
 
 def pick_device(choice: str) -> torch.device:
@@ -198,7 +58,12 @@ def pick_device(choice: str) -> torch.device:
 def merge_params(spec: AdapterMergeSpec) -> MergeParams:
     p = spec.parameters
     return MergeParams(method=spec.method, weights=tuple(spec.adapter_weights()), density=p.density,
-                       lambda_=p.lambda_, t=p.t, seed=p.seed)
+                       lambda_=p.lambda_, t=p.t, seed=p.seed,
+                       densities=tuple(a.density for a in spec.adapters),
+                       gammas=tuple(a.gamma for a in spec.adapters),
+                       epsilons=tuple(a.epsilon for a in spec.adapters),
+                       gamma=p.gamma, epsilon=p.epsilon, normalize=p.normalize, rescale=p.rescale,
+                       conventions=p.conventions, select_topk=p.select_topk)
 
 
 def _on_device(factors: list[LoraFactors | None], device: torch.device) -> list[torch.Tensor | None]:
@@ -273,7 +138,7 @@ def _write_merged_model(inputs: Inputs, folder: Path, device: torch.device, prog
     write_merged_model(
         folder, base, {m.name: m.kind for m in inputs.plan}, delta_for,
         {name: (lambda n=name: _saved_tensor_for(inputs, n, params)) for name in inputs.saved},
-        dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out,
+        dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out, pin_memory=device.type == "cuda",
     )
     return records
 
@@ -427,14 +292,14 @@ def _describe_inputs(inputs: Inputs, digests: FileDigests) -> list[dict[str, Any
     for ref, adapter in zip(spec.adapters, inputs.adapters):
         cfg = adapter.config
         described.append(describe_input(
-            "adapter", spec.claim_of(ref), ref.path, adapter.path, adapter.files(), digests, name=ref.name,
+            "adapter", spec.claim_of(ref), ref.path, adapter.view, adapter.files(), digests, name=ref.name,
             config={"r": cfg.r, "loraAlpha": cfg.lora_alpha, "useRslora": cfg.use_rslora,
                     "rankPattern": cfg.rank_pattern, "alphaPattern": cfg.alpha_pattern,
                     "baseModelNameOrPath": cfg.base_model_name_or_path},
         ))
     if inputs.base is not None:
         described.append(describe_input("baseModel", spec.claim_of(spec.base_model), spec.base_model.path,
-                                        inputs.base_path, inputs.base.files(), digests))
+                                        inputs.base.folder, inputs.base.files(), digests))
     for ref, path in zip(spec.evaluation.datasets if spec.evaluation else [], inputs.dataset_paths):
         described.append(describe_input("evaluationDataset", spec.claim_of(ref), ref.path, path, [path],
                                         digests, name=ref.name))

@@ -32,10 +32,42 @@ PLURAL = "adaptermerges"
 SINGULAR = "adaptermerge"
 SHORT_NAME = "am"
 
-Method = Literal["linear", "cat", "magnitude_prune", "ties", "dare_linear", "dare_ties", "slerp"]
+# docs/merging.md says what each computes; the names shared with mergekit follow mergekit's definitions
+# under `parameters.conventions: mergekit` and keep adaptermerge's under the default conventions.
+Method = Literal[
+    "linear", "cat", "magnitude_prune", "ties", "dare_linear", "dare_ties", "slerp",
+    "task_arithmetic", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "nuslerp", "model_stock",
+    "sce",
+]
 METHODS: tuple[str, ...] = Method.__args__
-# Methods whose result depends on `density`; for these it is required (no silent default).
+# Methods whose result depends on `density`; under adaptermerge conventions it is required for these (no
+# silent default). Under mergekit conventions, and for mergekit's other sparsifying methods, it defaults
+# to 1 as in mergekit.
 DENSITY_METHODS = ("magnitude_prune", "ties", "dare_linear", "dare_ties")
+# Which optional parameters each method reads; setting one a method ignores is an error naming it.
+METHOD_OPTIONS: dict[str, frozenset[str]] = {
+    "linear": frozenset({"normalize"}),
+    "task_arithmetic": frozenset({"normalize"}),
+    "ties": frozenset({"normalize", "rescale"}),
+    "magnitude_prune": frozenset({"normalize", "rescale"}),
+    "dare_linear": frozenset({"normalize", "rescale"}),
+    "dare_ties": frozenset({"normalize", "rescale"}),
+    "breadcrumbs": frozenset({"normalize", "rescale", "gamma"}),
+    "breadcrumbs_ties": frozenset({"normalize", "rescale", "gamma"}),
+    "della": frozenset({"normalize", "rescale", "epsilon"}),
+    "della_linear": frozenset({"normalize", "rescale", "epsilon"}),
+    "sce": frozenset({"selectTopk"}),
+}
+# mergekit's per-model `density` (per adapter here) exists for its task-arithmetic family only.
+PER_ADAPTER_DENSITY_METHODS = (
+    "magnitude_prune", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear",
+)
+Conventions = Literal["adaptermerge", "mergekit"]
+# mergekit's defaults for breadcrumbs' gamma and della's epsilon.
+DEFAULT_GAMMA = 0.01
+DEFAULT_EPSILON = 0.15
+Rescale = Literal["l1", "inverse-probability", "none"]
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 OutputFormat = Literal["adapter", "merged-model"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -97,6 +129,10 @@ class AdapterRef(PathRef):
     name: Name
     """Short name of the adapter (a DNS label), unique in spec.adapters."""
     weight: float | None = Field(default=None, description="Defaults to 1 (or parameters.weights).")
+    # mergekit's per-model parameters: they override parameters.density/gamma/epsilon for this adapter.
+    density: float | None = Field(default=None, gt=0, le=1, description="Overrides parameters.density.")
+    gamma: float | None = Field(default=None, ge=0, lt=1, description="Overrides parameters.gamma.")
+    epsilon: float | None = Field(default=None, ge=0, lt=0.5, description="Overrides parameters.epsilon.")
 
 
 class Parameters(_Model):
@@ -113,10 +149,20 @@ class Parameters(_Model):
     # Alternative to per-adapter `weight`, in the order of `spec.adapters`.
     weights: list[float] | None = None
     """One weight per adapter, in the order of spec.adapters (instead of adapters[].weight)."""
+    conventions: Conventions = Field(
+        default="adaptermerge",
+        description="mergekit: mergekit's defaults for the names it shares with adaptermerge, int(density*n)"
+        " kept entries, and + elected where a sign sum is exactly 0 (docs/merging.md).",
+    )
+    normalize: bool | None = Field(default=None, description="Divide by the sum of weights; default per method.")
+    rescale: Rescale | None = Field(default=None, description="How survivors are rescaled; default per method.")
+    gamma: float | None = Field(default=None, ge=0, lt=1, description="breadcrumbs: top fraction removed (0.01).")
+    epsilon: float | None = Field(default=None, ge=0, lt=0.5, description="della: probability spread (0.15).")
+    select_topk: float = Field(default=1.0, gt=0, le=1, description="sce: fraction of entries kept by variance.")
 
     @model_validator(mode="after")
     def _finite(self) -> Parameters:
-        for name in ("density", "lambda_", "t"):
+        for name in ("density", "lambda_", "t", "gamma", "epsilon", "select_topk"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name.rstrip('_')} must be a finite number")
@@ -184,9 +230,14 @@ class AdapterMergeSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
             ("self.method != 'slerp' || size(self.adapters) == 2", "slerp needs exactly two adapters"),
+            ("self.method != 'nuslerp' || size(self.adapters) == 2", "nuslerp needs exactly two adapters"),
+            ("self.method != 'model_stock' || size(self.adapters) >= 2", "model_stock needs two adapters or more"),
             (
                 "!(self.method in ['magnitude_prune', 'ties', 'dare_linear', 'dare_ties'])"
-                " || (has(self.parameters) && has(self.parameters.density))",
+                " || (has(self.parameters) && has(self.parameters.density))"
+                " || (has(self.parameters) && has(self.parameters.conventions)"
+                " && self.parameters.conventions == 'mergekit')"
+                " || self.adapters.all(a, has(a.density))",
                 "parameters.density is required for this method",
             ),
             (
@@ -235,10 +286,11 @@ class AdapterMergeSpec(_Model):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise _FieldError(f"adapters[{i}].name", f"duplicate adapter name {name!r}")
-        if self.method == "slerp" and len(self.adapters) != 2:
-            raise _FieldError("adapters", f"slerp needs exactly two adapters, got {len(self.adapters)}")
-        if self.method in DENSITY_METHODS and self.parameters.density is None:
-            raise _FieldError("parameters.density", f"required for method {self.method}, in (0, 1]")
+        if self.method in ("slerp", "nuslerp") and len(self.adapters) != 2:
+            raise _FieldError("adapters", f"{self.method} needs exactly two adapters, got {len(self.adapters)}")
+        if self.method == "model_stock" and len(self.adapters) < 2:
+            raise _FieldError("adapters", f"model_stock needs two adapters or more, got {len(self.adapters)}")
+        self._check_method_options()
         weights = self.parameters.weights
         if weights is not None:
             if len(weights) != len(self.adapters):
@@ -278,6 +330,40 @@ class AdapterMergeSpec(_Model):
         if self.output.format == "merged-model" and self.base_model is None:
             raise _FieldError("baseModel", "output format merged-model needs a base model")
         return self
+
+    def _check_method_options(self) -> None:
+        p = self.parameters
+        mergekit = p.conventions == "mergekit"
+        if mergekit and self.method == "slerp":
+            raise _FieldError(
+                "method", "mergekit's slerp interpolates whole weights, not task vectors; with a base model it"
+                " equals nuslerp (docs/merging.md)"
+            )
+        allowed = METHOD_OPTIONS.get(self.method, frozenset())
+        for attr in ("normalize", "rescale", "gamma", "epsilon", "select_topk"):
+            if attr in p.model_fields_set and to_camel(attr) not in allowed:
+                raise _FieldError(f"parameters.{to_camel(attr)}", f"method {self.method} does not use it")
+        if p.rescale == "inverse-probability" and not self.method.startswith(("dare_", "della")):
+            raise _FieldError("parameters.rescale", "inverse-probability applies to the random drops of dare_*"
+                              " and della*")
+        per_adapter = (("density", PER_ADAPTER_DENSITY_METHODS), ("gamma", ("breadcrumbs", "breadcrumbs_ties")),
+                       ("epsilon", ("della", "della_linear")))
+        for i, a in enumerate(self.adapters):
+            for attr, methods in per_adapter:
+                if getattr(a, attr) is not None and self.method not in methods:
+                    raise _FieldError(f"adapters[{i}].{attr}", f"method {self.method} does not use it")
+        if (self.method in DENSITY_METHODS and not mergekit and p.density is None
+                and any(a.density is None for a in self.adapters)):
+            raise _FieldError("parameters.density", f"required for method {self.method}, in (0, 1]")
+        if self.method in ("della", "della_linear"):
+            for i, a in enumerate(self.adapters):
+                density = a.density or p.density or 1.0
+                epsilon = DEFAULT_EPSILON if (a.epsilon, p.epsilon) == (None, None) else (
+                    a.epsilon if a.epsilon is not None else p.epsilon)
+                if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+                    where = f"adapters[{i}].density" if a.density is not None else "parameters.density"
+                    raise _FieldError(where, f"della needs density +/- epsilon in (0, 1): density {density},"
+                                      f" epsilon {epsilon}")
 
     # -- derived values both sides use ----------------------------------------------------------
     def claim_of(self, ref: PathRef) -> str:

@@ -39,7 +39,7 @@ _BITS_DTYPE = {
 
 
 def keep_count(numel: int, density: float) -> int:
-    """How many entries trim keeps: round(density * numel), as MERGING.md defines it."""
+    """How many entries trim keeps under adaptermerge conventions: round(density * numel) (docs/merging.md)."""
     return round(density * numel)
 
 
@@ -77,13 +77,23 @@ def magnitude_thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
     tensor on taus' device; entries with |tau| >= threshold survive (0 keeps all: density 1)."""
     if density >= 1:
         return torch.zeros(taus.shape[:2], dtype=taus.dtype, device=taus.device)
-    rows = taus.reshape(taus.shape[0] * taus.shape[1], -1)
-    k = keep_count(rows.shape[1], density)
+    n = taus[0, 0].numel()
+    return count_thresholds(taus, [keep_count(n, density)] * taus.shape[0])
+
+
+def count_thresholds(taus: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """For each task vector taus[i, m], the counts[i]-th largest |tau| (+inf for a count <= 0): an
+    (adapters, modules) tensor. One batched selection when every adapter has the same count (views only:
+    per-adapter counts select adapter by adapter rather than copy the task vectors)."""
+    if len(set(counts)) == 1:
+        return _row_thresholds(taus.reshape(taus.shape[0] * taus.shape[1], -1), counts[0]).view(taus.shape[:2])
+    return torch.stack([_row_thresholds(taus[i].reshape(taus.shape[1], -1), k) for i, k in enumerate(counts)])
+
+
+def _row_thresholds(rows: torch.Tensor, k: int) -> torch.Tensor:
     if triton is not None and rows.is_cuda and rows.dtype == torch.float32:
-        thresholds = bracketed_kth_largest(rows, k)
-    else:
-        thresholds = _radix_rows(rows, k)
-    return thresholds.view(taus.shape[:2])
+        return bracketed_kth_largest(rows, k)
+    return _radix_rows(rows, k)
 
 
 def _radix_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -192,7 +202,7 @@ def zero_below_(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tenso
 def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
     """Zeroes, in place, all but the keep_count(x.numel(), density) largest-magnitude entries of x.
 
-    Entries equal to the threshold are all kept (MERGING.md allows a few more at ties)."""
+    Entries equal to the threshold are all kept (docs/merging.md: a few more at ties)."""
     if density >= 1:
         return x
     return zero_below_(x, kth_largest_magnitude(x, keep_count(x.numel(), density)))

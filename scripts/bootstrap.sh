@@ -1,25 +1,17 @@
 #!/usr/bin/env bash
-# Creates (once per machine) a virtualenv holding every pinned dependency, keyed by their hash, outside
-# the repo so fresh clones and CI reuse it; then gives this checkout its own venv layered on it.
-# Prints the checkout's venv (.venv) on the last line of stdout. Usage: scripts/bootstrap.sh [extras]
+# Creates (once per machine) a virtualenv holding every locked dependency (requirements/dev.txt: base +
+# worker + operator + dev, exact versions with hashes; scripts/lock.sh makes it), keyed by the lock's
+# hash, outside the repo so fresh clones and CI reuse it; then gives this checkout its own venv layered
+# on it. Prints the checkout's venv (.venv) on the last line of stdout. Usage: scripts/bootstrap.sh
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-extras=${1:-worker,operator,dev}
+lock=$repo/requirements/dev.txt
 cache=${ADAPTERMERGE_CACHE:-$HOME/.cache/adaptermerge}
 python=${PYTHON:-python3}
-# Line 1: the requirements; line 2: data packages installed without their dependencies.
-mapfile -t reqs < <("$python" - "$repo/pyproject.toml" "$extras" <<'PY'
-import sys, tomllib
-pyproject = tomllib.load(open(sys.argv[1], "rb"))
-project = pyproject["project"]
-deps = list(project["dependencies"])
-for extra in sys.argv[2].split(","):
-    deps += project["optional-dependencies"][extra]
-print(" ".join(sorted(deps)))
-print(" ".join(pyproject["tool"]["adaptermerge"]["data-packages"]))
-PY
-)
-key=$(printf '%s\n' "${reqs[@]}" "$("$python" --version)" | sha256sum | cut -c1-16)
+# Data packages (pyproject's [tool.adaptermerge]) are installed without their dependencies.
+data_packages=$("$python" -c 'import sys, tomllib
+print(" ".join(tomllib.load(open(sys.argv[1], "rb"))["tool"]["adaptermerge"]["data-packages"]))' "$repo/pyproject.toml")
+key=$( { cat "$lock"; echo "$data_packages"; "$python" --version; } | sha256sum | cut -c1-16)
 venv=$cache/venv-$key
 mkdir -p "$cache"
 exec 9>"$cache/.bootstrap.lock"
@@ -28,11 +20,11 @@ if [ ! -f "$venv/.complete" ]; then
   echo "bootstrap: creating $venv (one-time: torch is large)" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
-  # shellcheck disable=SC2086  # word splitting of the requirement lists is intended
-  "$venv/bin/pip" install -q ${reqs[0]} >&2
-  # shellcheck disable=SC2086
-  "$venv/bin/pip" install -q --no-deps ${reqs[1]} >&2
+  "$venv/bin/pip" install -q --upgrade pip >&2
+  # --require-hashes: exactly the locked files, nothing resolved anew.
+  "$venv/bin/pip" install -q --require-hashes -r "$lock" >&2
+  # shellcheck disable=SC2086  # word splitting of the package list is intended
+  "$venv/bin/pip" install -q --no-deps $data_packages >&2
   touch "$venv/.complete"
 fi
 # The checkout gets its own small venv (.venv) layered on the shared one through a .pth file, and the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes control plane used by the tests (kube-apiserver, kube-controller-manager,
-# kubectl), etcd and helm from Go modules, and caches the binaries outside the repo keyed by version.
+# Builds the real Kubernetes components used by the tests (kube-apiserver, kube-controller-manager,
+# kubectl; kubelet, kube-scheduler and kube-proxy for the real node), etcd and helm from Go modules, and
+# caches the binaries outside the repo keyed by version.
 # A second run with the same versions does nothing. Prints the bin folder on the last line of stdout.
 #
 # Why wrapper modules: k8s.io/kubernetes requires its staging modules at v0.0.0 and redirects them to
@@ -25,7 +26,7 @@ stamp_matches() {  # $1 = binary, $2 = expected version string in the output of 
   [ -x "$1" ] && out=$("$1" ${3:---version} 2>/dev/null) && grep -qF -- "$2" <<<"$out"
 }
 
-build_kubernetes() {
+build_kubernetes() {  # $@ = the binaries to build (names under k8s.io/kubernetes/cmd/)
   local work=$cache/control-plane/src/k8s-$K8S_VERSION
   mkdir -p "$work"
   cd "$work"
@@ -48,11 +49,7 @@ build_kubernetes() {
   } > go.mod
   log "kubernetes $K8S_VERSION: $(grep -c ' => ' go.mod) staging modules pinned to $staging_version"
   go get "k8s.io/kubernetes@$K8S_VERSION" >&2
-  # kubectl is built too although Debian ships /usr/bin/kubectl v1.32: kubectl is supported only within
-  # one minor version of the server (1.35-1.37 for a 1.36 server), so 1.32 is outside the skew policy.
-  # kubelet and kube-scheduler run the real node of tests/node (docs/real-node.md).
-  local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-              k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler)
+  local pkgs=("${@/#/k8s.io/kubernetes/cmd/}")
   go get "${pkgs[@]/%/@$K8S_VERSION}" >&2
   local v=k8s.io/component-base/version cv=k8s.io/client-go/pkg/version flags=""
   local date; date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -60,7 +57,7 @@ build_kubernetes() {
     flags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     flags+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
-  log "compiling kube-apiserver, kube-controller-manager, kubectl, kubelet, kube-scheduler (about 10 min cold on 2 cores)"
+  log "compiling $* (about 12 min for all six cold on 2 cores)"
   go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "-s -w $flags" -o "$bin/" "${pkgs[@]}"
 }
 
@@ -85,11 +82,15 @@ build_helm() {
 exec 9>"$cache/control-plane/.build.lock"
 flock 9
 stamp_matches "$bin/etcd" "${ETCD_VERSION#v}" || build_etcd
-kubernetes_ok=true
-for b in kube-apiserver kube-controller-manager kubelet kube-scheduler; do
-  stamp_matches "$bin/$b" "$K8S_VERSION" || kubernetes_ok=false
+# kubectl is built too although Debian ships /usr/bin/kubectl v1.32: kubectl is supported only within
+# one minor version of the server (1.35-1.37 for a 1.36 server), so 1.32 is outside the skew policy.
+# kubelet, kube-scheduler and kube-proxy (the `kubernetes` Service that in-cluster config dials) run the
+# real node of tests/node (docs/real-node.md). Only missing or stale binaries are built.
+stale=()
+for b in kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy; do
+  if [ "$b" = kubectl ]; then version_args="version --client"; else version_args=--version; fi
+  stamp_matches "$bin/$b" "$K8S_VERSION" "$version_args" || stale+=("$b")
 done
-stamp_matches "$bin/kubectl" "$K8S_VERSION" "version --client" || kubernetes_ok=false
-$kubernetes_ok || build_kubernetes
+[ ${#stale[@]} -eq 0 ] || build_kubernetes "${stale[@]}"
 stamp_matches "$bin/helm" "$HELM_VERSION" "version --short" || build_helm
 echo "$bin"

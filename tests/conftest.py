@@ -6,12 +6,9 @@ a run that selects no cluster test starts no etcd, API server or kubelet.
 
 from __future__ import annotations
 
-import secrets
-import time
-
 import pytest
 
-from support.control_plane import running_control_plane
+from support.control_plane import fresh_namespace, running_control_plane
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +34,5 @@ def test_kubelet(control_plane, claims_root, tmp_path_factory):
 @pytest.fixture
 def namespace(control_plane):
     """A fresh namespace, ready for pods (its 'default' ServiceAccount exists), deleted afterwards."""
-    name = f"test-{secrets.token_hex(4)}"
-    control_plane.kubectl("create", "namespace", name)
-    # Pods are refused until the serviceaccount controller has created the namespace's 'default' account.
-    deadline = time.monotonic() + 30
-    while control_plane.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")[0] != 200:
-        assert time.monotonic() < deadline, f"no 'default' ServiceAccount in {name}\n{control_plane.logs()}"
-        time.sleep(0.1)
-    yield name
-    # Not waited for: the namespace controller deletes the contents in the background.
-    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with fresh_namespace(control_plane) as name:
+        yield name

@@ -8,3 +8,4 @@ from merge_worker.methods.linear import Linear
 class Cat(Linear):
     name = "cat"
     stores_concatenation = True
+    default_normalize = (False, False)  # not a mergekit name: the same under both conventions

@@ -1,23 +1,33 @@
-"""magnitude_prune: trim each tau_i to its `density` largest-magnitude entries, then merge linearly."""
+"""magnitude_prune: trim each tau_i to its `density` largest-magnitude entries, then merge linearly.
+
+Keeps round(density * n) entries (adaptermerge conventions) or mergekit's max(1, int(density * n)); the
+same as mergekit's breadcrumbs with gamma 0 apart from that rounding."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 
-from merge_worker.methods.base import MergeMethod
-from merge_worker.methods.sparse_merge import merge_kept
-from merge_worker.trim import magnitude_thresholds
+from merge_worker.methods.sparsified import SparsifiedMerge, keep_all
+from merge_worker.trim import count_thresholds, keep_count
 
 
-class MagnitudePrune(MergeMethod):
+class MagnitudePrune(SparsifiedMerge):
     name = "magnitude_prune"
     needs_density = True
-    elects_sign: ClassVar[bool] = False  # ties: sign election and disjoint mean instead of a sum
 
-    def combine(self, taus: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
-        p = self.params
-        thresholds = magnitude_thresholds(taus, p.density)  # per module, per adapter
-        return merge_kept(taus, thresholds, p.weights, p.lambda_, ties=self.elects_sign)
+    def keep_counts(self, numel: int) -> list[int]:
+        if self.params.mergekit:
+            return [numel if d >= 1 else max(1, int(d * numel)) for d in self.densities]
+        return [keep_count(numel, d) for d in self.densities]
+
+    def sparsify_(self, taus: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        if all(d >= 1 for d in self.densities):
+            return keep_all(taus)
+        counts = self.keep_counts(taus[0, 0].numel())
+        thresholds = count_thresholds(taus, counts)  # per module, per adapter
+        for i, d in enumerate(self.densities):
+            if d >= 1:
+                thresholds[i] = 0
+        return thresholds

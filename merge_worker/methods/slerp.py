@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from merge_worker.factors import LoraFactors, MergeParams
-from merge_worker.methods.base import LowRankMethod
+from merge_worker.methods.base import LowRankMethod, factor_inner
 
 PARALLEL_TOLERANCE = 1e-6
 
@@ -30,11 +30,6 @@ def slerp_coefficients(dot: float, sq_norm_a: float, sq_norm_b: float, t: float)
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def _factor_inner(f: LoraFactors, g: LoraFactors) -> float:
-    """<f.scale * f.b @ f.a, g.scale * g.b @ g.a>_F = scales * sum((B_f^T B_g) * (A_f A_g^T))."""
-    return f.scale * g.scale * float(((f.b.T @ g.b) * (f.a @ g.a.T)).sum())
-
-
 class Slerp(LowRankMethod):
     name = "slerp"
 
@@ -45,9 +40,9 @@ class Slerp(LowRankMethod):
 
     def coefficients(self, factors: Sequence[LoraFactors | None]) -> list[float]:
         fa, fb = factors
-        dot = 0.0 if fa is None or fb is None else _factor_inner(fa, fb)
-        sq_a = 0.0 if fa is None else _factor_inner(fa, fa)
-        sq_b = 0.0 if fb is None else _factor_inner(fb, fb)
+        dot = 0.0 if fa is None or fb is None else factor_inner(fa, fb)
+        sq_a = 0.0 if fa is None else factor_inner(fa, fa)
+        sq_b = 0.0 if fb is None else factor_inner(fb, fb)
         ca, cb = slerp_coefficients(dot, sq_a, sq_b, self.params.t)
         lam = self.params.lambda_
         return [0.0 if fa is None else lam * ca * fa.scale, 0.0 if fb is None else lam * cb * fb.scale]

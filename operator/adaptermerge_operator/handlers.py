@@ -1,10 +1,12 @@
 """kopf handlers: the AdapterMerge lifecycle, and the Job/pod events that drive its status.
 
-- create / update of spec / resume (operator start): retire older generations' Jobs, then make sure
-  the current generation's Job exists (or adopt it).
-- any event of a Job or pod the operator owns: recompute the owner's status.
-Jobs and pods are kept in in-memory indexes (kopf fills them before any handler runs), so adoption
-after a restart and status computation need no extra API reads.
+- create / update of spec or of the rerun annotation / resume (operator start): retire older runs'
+  Jobs, then make sure the current run's Job exists (or adopt it).
+- any event of a Job or pod the operator owns: recompute the owner's status; a deleted Job is let go
+  (its finalizer removed) once its verdict is in the status.
+- a timer on unfinished merges: pods that cannot be created or scheduled, and the scheduling timeout.
+Jobs, pods and every resource's output are kept in in-memory indexes (kopf fills them before any
+handler runs), so adoption after a restart and status computation need no extra API reads.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import kopf
 
 from merge_worker import spec as specs
 
-from adaptermerge_operator import metrics, names, reconcile
+from adaptermerge_operator import metrics, names, outputs, reconcile
 from adaptermerge_operator.kube import KubeApi, load_client_config
 from adaptermerge_operator.settings import Settings
+from adaptermerge_operator.status import FINISHED_PHASES
 from adaptermerge_operator.slim import slim_job, slim_pod
 
 MERGES = (specs.API_GROUP, specs.API_VERSION, specs.PLURAL)
 WATCHED_BY_LABEL = (("batch", "v1", "jobs"), ("", "v1", "pods"))
 OWNED = {names.LABEL_UID: kopf.PRESENT}
 HAS_OWNER = {names.ANNOTATION_OWNER: kopf.PRESENT}
+# How often unfinished merges are checked for pods that cannot be created or scheduled.
+STUCK_CHECK_SECONDS = 5
 
 
 @kopf.on.startup()
@@ -47,7 +52,6 @@ async def configure(
     settings.execution.max_workers = 2  # all handlers are async; API calls use KubeApi's own pool
     memo.settings = Settings.from_env()
     memo.api = KubeApi(load_client_config())
-    memo.refusals = {}
     if memo.settings.metrics_port:
         metrics.serve(memo.settings.metrics_port, merge_verdicts)
 
@@ -75,9 +79,15 @@ def merge_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]
     return {labels[names.LABEL_UID]: slim_pod(body)}
 
 
-def _context(memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index) -> reconcile.Context:
+@kopf.index(*MERGES)
+def merge_outputs(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any] | None:
+    claim = outputs.claim(body)
+    return {namespace: claim} if claim else None
+
+
+def _context(memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index) -> reconcile.Context:
     return reconcile.Context(api=memo.api, settings=memo.settings, jobs=merge_jobs, pods=merge_pods,
-                             refusals=memo.refusals)
+                             outputs=merge_outputs)
 
 
 def _owner_of(body: kopf.Body) -> tuple[str, str, str]:
@@ -94,11 +104,13 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 @kopf.on.resume(*MERGES)
 @kopf.on.create(*MERGES)
 @kopf.on.update(*MERGES, field="spec")
+@kopf.on.update(*MERGES, field=("metadata", "annotations", names.ANNOTATION_RERUN))
 @metrics.timed("merge")
 async def reconcile_merge(
-    body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
+    body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index,
+    **_: Any,
 ) -> None:
-    ctx = _context(memo, merge_jobs, merge_pods)
+    ctx = _context(memo, merge_jobs, merge_pods, merge_outputs)
     merge = _plain(body)
     await reconcile.retire_superseded(ctx, merge)
     if not await reconcile.ensure_job(ctx, merge):
@@ -107,15 +119,31 @@ async def reconcile_merge(
         await reconcile.refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"])
 
 
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in FINISHED_PHASES
+
+
+@kopf.timer(*MERGES, interval=STUCK_CHECK_SECONDS, when=_unfinished)
+async def check_stuck(
+    body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index,
+    **_: Any,
+) -> None:
+    await reconcile.check_stuck_run(_context(memo, merge_jobs, merge_pods, merge_outputs), _plain(body))
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED, annotations=HAS_OWNER)
 @metrics.timed("job")
 async def job_event(
-    type: str | None, body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any
+    type: str | None, body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index,
+    merge_outputs: kopf.Index, **_: Any,
 ) -> None:
-    ctx = _context(memo, merge_jobs, merge_pods)
+    ctx = _context(memo, merge_jobs, merge_pods, merge_outputs)
     namespace, owner, uid = _owner_of(body)
+    if body.metadata.deletion_timestamp and names.FINALIZER in (body.metadata.get("finalizers") or []):
+        await reconcile.release_job(ctx, _plain(body))
+        return
     if type == "DELETED":
-        # Someone deleted the current generation's Job before its verdict: run it again.
+        # Someone deleted the current run's Job before its verdict: run it again.
         merge = await ctx.api.run(ctx.api.get_merge, namespace, owner)
         if merge is not None and merge["metadata"]["uid"] == uid:
             await reconcile.ensure_job(ctx, merge)
@@ -124,5 +152,8 @@ async def job_event(
 
 @kopf.on.event("", "v1", "pods", labels=OWNED, annotations=HAS_OWNER)
 @metrics.timed("pod")
-async def pod_event(body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, **_: Any) -> None:
-    await reconcile.refresh_status(_context(memo, merge_jobs, merge_pods), *_owner_of(body))
+async def pod_event(
+    body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index,
+    **_: Any,
+) -> None:
+    await reconcile.refresh_status(_context(memo, merge_jobs, merge_pods, merge_outputs), *_owner_of(body))

@@ -41,7 +41,7 @@ def owner_reference(merge: Mapping[str, Any]) -> dict[str, Any]:
 def _metadata(merge: Mapping[str, Any]) -> dict[str, Any]:
     meta = merge["metadata"]
     return {
-        "name": names.job_name(meta["name"], meta["generation"]),
+        "name": names.run_name(merge),
         "namespace": meta["namespace"],
         "labels": names.owned_labels(meta["name"], meta["uid"], meta["generation"]),
         "annotations": {names.ANNOTATION_OWNER: meta["name"]},
@@ -125,7 +125,7 @@ def _container(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
 
 
 def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
-    configmap = names.job_name(merge["metadata"]["name"], merge["metadata"]["generation"])
+    configmap = names.run_name(merge)
     volumes = [{"name": "spec", "configMap": {"name": configmap}}]
     volumes += [
         {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
@@ -180,8 +180,13 @@ def render_job(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Setti
             # A replacement pod starts only once the failed one is gone: two workers never write
             # the same output at once.
             "podReplacementPolicy": "Failed",
+            # With a queue, Kueue admits the Job by unsuspending it (its suspend-based integration).
+            "suspend": bool(queue),
             "podFailurePolicy": {
                 "rules": [
+                    # Evictions, preemptions and drains are not the merge's fault: retry without
+                    # using up backoffLimit.
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                     {
                         "action": "FailJob",
                         "onExitCodes": {

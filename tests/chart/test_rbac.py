@@ -17,15 +17,16 @@ from support.control_plane import wait_until
 
 # docs/interfaces.md #10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
 # kopf: list/watch and patch of the resource and its status, core/v1 event posts, peering; the
-# operator: merges get and status update, Jobs and ConfigMaps create/get/delete, the Job and pod indexes.
+# operator: merges get and status update, Jobs and ConfigMaps create/get/delete, the Job and pod indexes,
+# Job patch (its finalizer) and event list (FailedCreate).
 NAMESPACED = {
     ("adaptermerge.io", "adaptermerges", ""): {"get", "list", "watch", "patch"},
     ("adaptermerge.io", "adaptermerges", "status"): {"patch", "update"},
     ("adaptermerge.io", "adaptermerges", "finalizers"): {"update"},
-    ("batch", "jobs", ""): {"get", "list", "watch", "create", "delete"},
+    ("batch", "jobs", ""): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods", ""): {"list", "watch"},
     ("", "configmaps", ""): {"get", "create", "delete"},
-    ("", "events", ""): {"create"},
+    ("", "events", ""): {"create", "list"},
     ("kopf.dev", "kopfpeerings", ""): {"get", "list", "watch", "patch"},
 }
 # Cluster-wide mode only: kopf scans namespaces and CRDs (fixed namespaces turn scanning off).
@@ -44,7 +45,6 @@ FORBIDDEN = [
     ("delete", "adaptermerge.io", "adaptermerges", ""),
     ("create", "adaptermerge.io", "adaptermerges", ""),
     ("update", "batch", "jobs", ""),
-    ("patch", "batch", "jobs", ""),
     ("get", "", "pods", ""),
     ("list", "", "configmaps", ""),
     ("update", "adaptermerge.io", "adaptermerges", ""),

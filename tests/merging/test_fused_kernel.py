@@ -38,3 +38,21 @@ def test_threshold_zero_keeps_everything_and_infinity_nothing():
     got = sparse_merge.launch_fused(kernel, taus.clone(), thresholds, [0.5, 0.25], 1.0, ties=False)
     assert torch.allclose(got[0], 0.5 * taus[0, 0] + 0.25 * taus[1, 0], atol=1e-6)
     assert not got[1].any()
+
+
+@pytest.mark.parametrize(("normalize", "mergekit"), [(True, True), (False, True), (False, False)])
+def test_fused_kernel_options_equal_reference(normalize, mergekit):
+    g = torch.Generator().manual_seed(11)
+    taus = torch.randn(3, 2, 1030, generator=g)
+    taus[1, :, ::5] = -taus[0, :, ::5]  # sign sums of exactly 0 (adapter 2 is zero there)
+    taus[2, :, ::5] = 0
+    weights = [1.0, 1.0, 0.4]
+    thresholds = torch.zeros(3, 2)
+    kernel = interpreter.InterpretedFunction(sparse_merge._fused)
+    got = sparse_merge.launch_fused(kernel, taus.clone(), thresholds, weights, 1.5, ties=True, normalize=normalize,
+                                    mergekit=mergekit)
+    conventions = "mergekit" if mergekit else "adaptermerge"
+    for m in range(2):
+        us = [w * t.double() for w, t in zip(weights, taus[:, m])]
+        want = reference.consensus(us, weights, 1.5, normalize=normalize, conventions=conventions)
+        assert torch.allclose(got[m].double(), want, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ def relative_difference(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def inputs_for(method: str, adapters: dict) -> dict:
     # slerp takes exactly two adapters; the second one skips some modules (the fallback path).
-    return {k: v[:2] for k, v in adapters.items()} if method == "slerp" else adapters
+    return {k: v[:2] for k, v in adapters.items()} if method in ("slerp", "nuslerp") else adapters
 
 
 def run_engine(method: str, modules: dict, rank, dtype=torch.float64, device=torch.device("cpu")) -> dict:
@@ -89,7 +89,7 @@ def test_truncated_rank_is_the_optimal_truncation_of_the_reference(method, adapt
 @pytest.mark.parametrize("shape", [(7, 5), (33,)])
 def test_merge_dense_equals_reference(method, shape):
     generator = torch.Generator().manual_seed(99)
-    n = 2 if method == "slerp" else 3
+    n = 2 if method in ("slerp", "nuslerp") else 3
     taus = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(n)]
     taus_with_gap = taus[:-1] + [None]  # the last adapter lacks this tensor: a zero task vector
     params = params_for(method, n)

@@ -115,7 +115,9 @@ def test_job_limits_and_retries(objects, settings):
     _, job = render(objects, settings, spec)
     assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"], job["spec"]["ttlSecondsAfterFinished"]) == (5, 600, 30)
     # Invalid input (2) and low retention (3) do not change on a retry: the Job fails at once.
-    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    # Evictions, preemptions and drains come first and cost no retry.
+    disruption, rule = job["spec"]["podFailurePolicy"]["rules"]
+    assert disruption == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2, 3]
     assert rule["onExitCodes"]["containerName"] == worker(job)["name"] == "worker"
 
@@ -123,6 +125,7 @@ def test_job_limits_and_retries(objects, settings):
 def test_kueue_label_from_the_resource_or_the_default(objects, settings):
     _, job = render(objects, settings)
     assert names.LABEL_QUEUE not in job["metadata"]["labels"]
+    assert job["spec"]["suspend"] is False
 
     with_default = dataclasses.replace(settings, default_queue_name="shared")
     _, job = render(objects, with_default)
@@ -131,6 +134,8 @@ def test_kueue_label_from_the_resource_or_the_default(objects, settings):
     spec = {**objects.SPEC, "job": {"queueName": "team-a"}}
     _, job = render(objects, with_default, spec)
     assert job["metadata"]["labels"][names.LABEL_QUEUE] == "team-a"
+    # Kueue's contract for batch Jobs: created suspended, admitted by unsuspending.
+    assert job["spec"]["suspend"] is True
 
 
 def test_owned_by_the_resource_with_selectable_labels(objects, settings):

@@ -1,5 +1,7 @@
-"""The Dockerfile (no image can be built here): its targets, pins, users and entrypoints, checked
-against pyproject.toml and the real CLI; and hadolint's verdict."""
+"""The Dockerfile's rules, read from the file: base pinned by tag and digest (a build argument), one
+base and one CUDA stack, dependencies from the lock files in a layer before the source, uid 10001, the
+entrypoints against pyproject.toml and the real CLI; and hadolint's verdict. The images themselves are
+built and run by tests/packaging/test_images.py (scripts/images/build.sh)."""
 
 from __future__ import annotations
 
@@ -58,51 +60,63 @@ def parse_dockerfile(text: str) -> dict[str, Stage]:
 STAGES = parse_dockerfile((REPO / "Dockerfile").read_text())
 
 
-def ancestry(name: str) -> list[Stage]:
-    """The stage and every stage it is built FROM or copies files from."""
+# Which lock file each image installs its dependencies from (docs/install.md).
+LOCK_OF = {"operator": "requirements/operator.txt", "worker": "requirements/worker.txt"}
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def lineage(name: str) -> list[tuple[str, str]]:
+    """The instructions whose layers end up in the image, oldest first: FROM parents only."""
     stage = STAGES[name]
-    parents = [stage.base] + [m.group(1) for kw, a in stage.instructions if kw == "COPY"
-                              for m in [re.search(r"--from=(\S+)", a)] if m]
-    return [stage] + [s for p in parents if p in STAGES for s in ancestry(p)]
+    return (lineage(stage.base) if stage.base in STAGES else []) + stage.instructions
 
 
-def pip_installed_extras(target: str) -> list[set[str]]:
-    """For each `pip install` in the target's ancestry: the extras of the project it installs."""
-    installs = []
-    for stage in ancestry(target):
-        for keyword, args in stage.instructions:
-            for command in re.findall(r"pip install ([^&;]*)", args) if keyword == "RUN" else []:
-                project = re.fullmatch(r"""["']?\.\[([\w,]+)\]["']?""", command.strip())
-                assert project, f"{stage.name}: installs something besides the project: {command!r}"
-                installs.append(set(project.group(1).split(",")))
-    return installs
+def external_base(name: str) -> str:
+    stage = STAGES[name]
+    return external_base(stage.base) if stage.base in STAGES else stage.base
 
 
-def requirement_names(extras: set[str]) -> set[str]:
-    deps = list(PYPROJECT["project"]["dependencies"])
-    for extra in extras:
-        deps += PYPROJECT["project"]["optional-dependencies"][extra]
-    return {re.split(r"[=<>!~\[; ]", d, maxsplit=1)[0].lower() for d in deps}
+def pip_installs(instructions: list[tuple[str, str]]) -> list[tuple[int, str]]:
+    """(index of the RUN, arguments) for every `pip install`/`pip wheel` in these instructions."""
+    return [(i, cmd.strip()) for i, (kw, args) in enumerate(instructions) if kw == "RUN"
+            for cmd in re.findall(r"pip (?:install|wheel) ([^&;]*)", args)]
+
+
+def copied_sources(args: str) -> list[str]:
+    return [a for a in args.split()[:-1] if not a.startswith("--")]
 
 
 def test_both_targets_exist():
     assert {"operator", "worker"} <= set(STAGES)
 
 
-@pytest.mark.parametrize("target", ["operator", "worker"])
-def test_base_images_are_pinned_versions(target: str):
-    for stage in ancestry(target):
-        if stage.base in STAGES:
-            continue
-        image, _, tag = stage.base.rpartition(":")
-        assert image and re.search(r"\d+\.\d+", tag), f"{stage.name}: base {stage.base!r} has no version"
+def test_base_image_is_pinned_by_tag_and_digest_and_swappable():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    from_lines = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
+    external = [f for f in from_lines if f not in STAGES and f != "scratch"]
+    assert external and all(re.fullmatch(r"\$\{\w+\}", f) for f in external), (
+        f"every base image must come from a build argument: {external}")
+    for target in ("operator", "worker"):
+        base = external_base(target)
+        name_tag, _, _ = base.partition("@")
+        image, _, tag = name_tag.rpartition(":")
+        assert image and re.search(r"\d+\.\d+", tag), f"{target}: base {base!r} has no versioned tag"
+        assert DIGEST.search(base), f"{target}: base {base!r} has no sha256 digest"
+
+
+def test_one_base_and_one_cuda_stack():
+    """Both images share one base; the worker's CUDA comes from the torch wheels (nvidia-* packages in
+    its lock), never from an nvidia/cuda base with a second, unused set of CUDA libraries."""
+    assert external_base("operator") == external_base("worker")
+    assert "cuda" not in external_base("worker").lower()
+    worker_lock = (REPO / LOCK_OF["worker"]).read_text()
+    assert re.search(r"^nvidia-cuda-runtime==13\.", worker_lock, flags=re.M)
+    assert "torch==" in worker_lock
 
 
 @pytest.mark.parametrize("target", ["operator", "worker"])
-def test_target_runs_as_non_root(target: str):
-    user = STAGES[target].last("USER")
-    assert user is not None, f"{target} sets no USER"
-    assert user.split(":")[0] not in ("root", "0")
+def test_target_runs_as_uid_10001(target: str):
+    assert STAGES[target].last("USER") == "10001:10001"
 
 
 @pytest.mark.parametrize("target", ["operator", "worker"])
@@ -127,20 +141,42 @@ def test_command_exists_in_the_package(target: str):
     assert "invalid choice" not in done.stderr
 
 
-def test_operator_image_installs_only_base_and_operator_dependencies():
-    installs = pip_installed_extras("operator")
-    assert installs == [{"operator"}]
-    installed = requirement_names({"operator"})
-    assert "torch" not in installed
-    assert not installed & requirement_names({"worker"}) - requirement_names(set())
+@pytest.mark.parametrize("target", ["operator", "worker"])
+def test_dependencies_install_from_the_lock_before_the_source(target: str):
+    """The image's layers: its own lock installed hash-checked, then (a code change rebuilds only
+    this) the project without dependencies. No layer before the dependencies holds the source."""
+    steps = lineage(target)
+    installs = pip_installs(steps)
+    assert len(installs) == 2, f"{target}: expected a dependency install and a project install: {installs}"
+    (deps_at, deps), (project_at, project) = installs
+    lock_copy = [copied_sources(args) for kw, args in steps[:deps_at] if kw == "COPY"]
+    assert [LOCK_OF[target]] in lock_copy, f"{target}: {LOCK_OF[target]} is not copied before {deps!r}"
+    assert "--require-hashes" in deps.split() and re.search(r"-r \S+", deps), deps
+    assert "--no-deps" in project.split() and ".whl" in project, project
+    source_copies = [i for i, (kw, args) in enumerate(steps)
+                     if kw == "COPY" and copied_sources(args) != [LOCK_OF[target]]]
+    assert source_copies and min(source_copies) > deps_at, f"{target}: a COPY precedes the dependencies"
+    assert deps_at < project_at
 
 
-def test_worker_image_installs_the_gpu_stack():
-    installs = pip_installed_extras("worker")
-    assert installs == [{"worker"}]
-    assert {"torch", "peft", "transformers", "bitsandbytes"} <= requirement_names({"worker"})
-    assert STAGES["worker"].base.startswith("worker-base")
-    assert "cuda" in STAGES["worker-base"].base
+def test_only_the_project_wheel_stage_sees_the_source():
+    """Every pip command outside the image layers builds the project only, without dependencies."""
+    for stage in STAGES.values():
+        if stage.name in LOCK_OF:
+            continue
+        for _, command in pip_installs(stage.instructions):
+            assert "--no-deps" in command.split(), f"{stage.name}: {command!r} resolves dependencies"
+
+
+@pytest.mark.parametrize("target", ["operator", "worker"])
+def test_lock_matches_the_images_extras(target: str):
+    """The operator's lock has no torch; the worker's has the GPU stack."""
+    lock = (REPO / LOCK_OF[target]).read_text().lower()
+    if target == "operator":
+        assert "\ntorch==" not in lock and "\nkopf==" in lock
+    else:
+        for name in ("torch", "peft", "transformers", "bitsandbytes", "triton"):
+            assert f"\n{name}==" in lock, name
 
 
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
@@ -165,7 +201,7 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_drops_the_rest():
     for src in copied:
         assert (REPO / src).exists(), f"COPY {src}: no such path"
         assert not dockerignore_excludes(src, patterns), f".dockerignore drops {src}"
-    for unwanted in ("tests", ".git", "examples/skills", "bench"):
+    for unwanted in ("tests", ".git", "examples/skills", "bench", ".venv", "requirements/dev.txt"):
         assert dockerignore_excludes(unwanted, patterns), f".dockerignore lets {unwanted} in"
 
 

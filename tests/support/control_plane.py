@@ -67,9 +67,9 @@ def find_bin_dir() -> Path:
     return Path(build.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
 
 
@@ -140,6 +140,15 @@ class ControlPlane:
     admin_token: str = ""
     startup_seconds: float = 0.0
     processes: list[_Process] = field(default_factory=list)
+    # The real node (support.real_node) needs an API server that pods can reach through the `kubernetes`
+    # Service (a non-loopback address, whose endpoint the API server then publishes), identities for the
+    # kubelet, scheduler and kube-proxy (extra token rows: token, user, comma-separated groups), the Node
+    # authorizer, and more controllers. The defaults are the plain control plane's.
+    address: str = "127.0.0.1"
+    authorization_mode: str = "RBAC"
+    users: tuple[tuple[str, str, str], ...] = ()
+    extra_apiserver_args: tuple[str, ...] = ()
+    controllers: tuple[str, ...] = CONTROLLERS
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None
@@ -215,14 +224,15 @@ class ControlPlane:
         )
         self.admin_token = secrets.token_hex(16)
         tokens = self.workdir / "tokens.csv"
-        tokens.write_text(f'{self.admin_token},admin,admin,"system:masters"\n')
+        rows = [(self.admin_token, "admin", "system:masters"), *self.users]
+        tokens.write_text("".join(f"{token},{user},{user}" + (f',"{groups}"' if groups else "") + "\n" for token, user, groups in rows))
         return key, tokens
 
     def _start_apiserver(self, etcd_url: str) -> None:
         key, tokens = self._write_credentials()
-        port = free_port()
+        port = free_port(self.address)
         cert_dir = self.workdir / "apiserver-certs"
-        self.server = f"https://127.0.0.1:{port}"
+        self.server = f"https://{self.address}:{port}"
         # The self-signed serving certificate is written with its CA appended, so it verifies itself.
         self.ca_file = cert_dir / "apiserver.crt"
         self.processes.append(
@@ -231,8 +241,8 @@ class ControlPlane:
                 [
                     str(self.bin_dir / "kube-apiserver"),
                     "--etcd-servers", etcd_url,
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",  # else it fails on hosts without a default route
+                    f"--bind-address={self.address}",
+                    f"--advertise-address={self.address}",  # else it fails on hosts without a default route
                     f"--secure-port={port}",
                     f"--cert-dir={cert_dir}",
                     "--service-cluster-ip-range=10.0.0.0/24",
@@ -240,9 +250,12 @@ class ControlPlane:
                     f"--service-account-key-file={key}",
                     f"--service-account-signing-key-file={key}",
                     f"--token-auth-file={tokens}",
-                    "--authorization-mode=RBAC",  # so missing RBAC rules fail tests as in production
-                    "--endpoint-reconciler-type=none",  # no kubernetes Service endpoints to keep up to date
+                    # RBAC: so missing RBAC rules fail tests as in production
+                    f"--authorization-mode={self.authorization_mode}",
+                    # A loopback address cannot be a Service endpoint: then there is nothing to publish.
+                    "--endpoint-reconciler-type=" + ("none" if self.address.startswith("127.") else "lease"),
                     "--profiling=false",
+                    *self.extra_apiserver_args,
                 ],
                 self.workdir,
             )
@@ -259,7 +272,9 @@ class ControlPlane:
                     f"--kubeconfig={self.kubeconfig}",
                     "--leader-elect=false",
                     "--secure-port=0",  # no metrics/health endpoint needed: one port fewer to pick
-                    "--controllers=" + ",".join(CONTROLLERS),
+                    "--controllers=" + ",".join(self.controllers),
+                    # The CA that pods' in-cluster clients verify the API server with (kube-root-ca.crt).
+                    f"--root-ca-file={self.ca_file}",
                 ],
                 self.workdir,
             )
@@ -306,10 +321,26 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
 
 
 @contextlib.contextmanager
-def running_control_plane(workdir: Path, bin_dir: Path | None = None) -> Iterator[ControlPlane]:
-    """Starts etcd, kube-apiserver and kube-controller-manager in workdir; stops them on exit."""
+def fresh_namespace(plane: ControlPlane, prefix: str = "test") -> Iterator[str]:
+    """A new namespace `<prefix>-<8 hex>`, yielded once its 'default' ServiceAccount exists (pods are
+    refused before the serviceaccount controller creates it), deleted afterwards without waiting (the
+    namespace controller deletes the contents in the background)."""
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    plane.kubectl("create", "namespace", name)
+    wait_until(lambda: plane.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")[0] == 200, 30,
+               f"the 'default' ServiceAccount in {name}", interval=0.1)
+    try:
+        yield name
+    finally:
+        plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@contextlib.contextmanager
+def running_control_plane(workdir: Path, bin_dir: Path | None = None, **options) -> Iterator[ControlPlane]:
+    """Starts etcd, kube-apiserver and kube-controller-manager in workdir; stops them on exit.
+    options: ControlPlane's fields (address, users, controllers... as support.real_node sets them)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    plane = ControlPlane(bin_dir=bin_dir or find_bin_dir(), workdir=workdir).start()
+    plane = ControlPlane(bin_dir=bin_dir or find_bin_dir(), workdir=workdir, **options).start()
     try:
         yield plane
     finally:
