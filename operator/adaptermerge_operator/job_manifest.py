@@ -14,7 +14,7 @@ import yaml
 from merge_worker import spec as specs
 from merge_worker.spec import AdapterMergeSpec
 
-from adaptermerge_operator import names
+from adaptermerge_operator import names, policy
 from adaptermerge_operator.settings import Settings
 
 CONTAINER = "worker"
@@ -96,7 +96,7 @@ def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
         resources.setdefault("limits", {})[settings.gpu_resource] = gpus
         if settings.gpu_resource in resources.get("requests", {}):
             resources["requests"][settings.gpu_resource] = gpus
-    return resources
+    return policy.memory_limit(settings.policy, resources)
 
 
 def _container(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
