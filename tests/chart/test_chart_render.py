@@ -98,7 +98,7 @@ def test_worker_defaults_reach_the_operator_as_contract_env_vars(render):
     values = {"worker": {"image": {"repository": "registry.local/am-worker", "tag": "v9", "pullPolicy": "Always"},
                          "gpuResourceName": "amd.com/gpu", "nodeSelector": {"gpu": "a100"},
                          "tolerations": tolerations, "queueName": "gpu-queue",
-                         "runAsUser": 2000, "runAsGroup": 3000},
+                         "schedulingTimeoutSeconds": 60, "runAsUser": 2000, "runAsGroup": 3000},
               "workerServiceAccount": {"name": "merger"}}
     got = env(render(values))
     assert got["ADAPTERMERGE_WORKER_IMAGE"] == "registry.local/am-worker:v9"
@@ -108,6 +108,7 @@ def test_worker_defaults_reach_the_operator_as_contract_env_vars(render):
     assert json.loads(got["ADAPTERMERGE_DEFAULT_NODE_SELECTOR"]) == {"gpu": "a100"}
     assert json.loads(got["ADAPTERMERGE_DEFAULT_TOLERATIONS"]) == tolerations
     assert got["ADAPTERMERGE_DEFAULT_QUEUE_NAME"] == "gpu-queue"
+    assert got["ADAPTERMERGE_SCHEDULING_TIMEOUT_SECONDS"] == "60"
     assert (got["ADAPTERMERGE_WORKER_RUN_AS_USER"], got["ADAPTERMERGE_WORKER_RUN_AS_GROUP"]) == ("2000", "3000")
 
 
@@ -194,6 +195,7 @@ def test_schema_rejects_wrong_values(render_fails, values, field):
 
 
 @pytest.mark.parametrize("values", [{}, {"worker": {"nodeSelector": {"gpu": "h100"}, "queueName": "q",
+                                                    "schedulingTimeoutSeconds": 0,
                                                     "tolerations": [{"key": "gpu", "operator": "Exists"}]}}])
 def test_operator_accepts_the_settings_the_chart_passes(render, values):
     from adaptermerge_operator.settings import Settings
@@ -203,6 +205,7 @@ def test_operator_accepts_the_settings_the_chart_passes(render, values):
     assert settings.default_node_selector == worker.get("nodeSelector", {})
     assert settings.default_tolerations == worker.get("tolerations", [])
     assert settings.default_queue_name == worker.get("queueName", "")
+    assert settings.scheduling_timeout == worker.get("schedulingTimeoutSeconds", 900)
     assert settings.worker_service_account.endswith("-worker")
 
 
