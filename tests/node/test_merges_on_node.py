@@ -143,7 +143,8 @@ def test_the_operator_deployment_runs_as_a_real_pod_on_the_node(release):
     assert pod["spec"]["nodeName"] == NODE_NAME
     [container] = pod["status"]["containerStatuses"]
     assert container["ready"] and "running" in container["state"], container
-    assert container["image"].endswith(release.cluster.images["operator"].reference)
+    operator = release.cluster.images["operator"]
+    assert (container["image"], container["imageID"]) == (operator.reference, operator.image_id), "the image built here"
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["restartCount"] == 0, release.diagnostics()
     # In-cluster config reaches the API server through the `kubernetes` Service (kube-proxy); the merges
@@ -164,7 +165,8 @@ def test_a_merge_runs_as_a_real_pod_to_ready_with_output_and_result(release):
     show(release.plane, "get", "pods", "-n", release.namespace, "-o", "wide")
     assert pod["spec"]["nodeName"] == NODE_NAME and pod["status"]["phase"] == "Succeeded"
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["status"]["containerStatuses"][0]["image"].endswith(release.cluster.images["worker"].reference)
+    worker, [container] = release.cluster.images["worker"], pod["status"]["containerStatuses"]
+    assert (container["image"], container["imageID"]) == (worker.reference, worker.image_id), "the image built here"
     # No GPU on this node: the worker chose the CPU and says so.
     log = release.plane.kubectl("logs", "-n", release.namespace, pod["metadata"]["name"]).stdout
     assert "on cpu" in log, log

@@ -87,7 +87,7 @@ def test_the_scheduler_places_the_worker_image_which_runs_as_the_worker_user(clu
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
     assert done["spec"]["nodeName"] == NODE_NAME, "bound by the scheduler (the pod named no node)"
     [state] = done["status"]["containerStatuses"]
-    assert (state["image"], state["imageID"]) == (worker.reference, f"sha256:{worker.image_id}"), "the image built here"
+    assert (state["image"], state["imageID"]) == (worker.reference, worker.image_id), "the image built here"
     assert state["state"]["terminated"]["message"] == "10001:10001:/opt/venv"
     assert ipaddress.ip_address(done["status"]["podIP"]) in ipaddress.ip_network(POD_SUBNET), "an address from the CNI bridge"
     scheduled = plane.get_json("events", "--field-selector", "involvedObject.name=hello,reason=Scheduled", namespace=namespace)
