@@ -17,7 +17,7 @@ declare -A packages=(
 )
 missing=()
 for cmd in "${!packages[@]}"; do
-  if [[ $cmd == /* ]]; then [ -x "$cmd" ]; else command -v "$cmd" >/dev/null; fi || missing+=("${packages[$cmd]}")
+  if [[ $cmd == /* ]]; then [ -e "$cmd" ]; else command -v "$cmd" >/dev/null; fi || missing+=("${packages[$cmd]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.control_plane import wait_until as control_plane_wait_until
+from support.merge_resource import merge_resource as resource
 
 pytestmark = pytest.mark.cluster
 
@@ -152,19 +153,6 @@ def operator(control_plane, namespace, crd, test_kubelet, tmp_path):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def resource(name: str, claim: str, **spec) -> dict:
-    base = {
-        "volume": {"claimName": claim},
-        "adapters": [{"name": "a", "path": "adapters/a", "weight": 0.7}, {"name": "b", "path": "adapters/b"}],
-        "method": "ties",
-        "parameters": {"density": 0.5},
-        "output": {"path": f"merged/{name}", "rank": 4},
-        "job": {"gpus": 1, "backoffLimit": 1, "activeDeadlineSeconds": 600},
-    }
-    return {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": name},
-            "spec": {**base, **spec}}
 
 
 def apply(control_plane, namespace: str, document: dict) -> None:

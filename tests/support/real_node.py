@@ -213,6 +213,7 @@ class RealNode:
         # Shown in the test output: which images, built from the Dockerfile, the node runs.
         print(f"real node: image {image.name:8} {image.reference} id {image.image_id}", file=sys.stderr)
         if image.reference in self.ctr("images", "list", "--quiet").stdout.decode().split():
+            self._prune(image)
             return
         began = time.monotonic()
         imported = subprocess.run(
@@ -223,6 +224,19 @@ class RealNode:
         if imported.returncode != 0:
             raise StartupError(f"importing {image.archive} failed:\n{imported.stderr.decode()}")
         print(f"real node: imported {image.reference} in {time.monotonic() - began:.0f}s", file=sys.stderr)
+        self._prune(image)
+
+    def _prune(self, current: Image) -> None:
+        """Removes the other versions of the image's repository from the persistent root (a worker
+        version costs GBs twice: content and unpacked snapshot); layers shared with the current version
+        stay. Also the `sha256:<id>` aliases the CRI plugin made for them."""
+        rows = [line.split()[:3] for line in self.ctr("images", "list").stdout.decode().splitlines()[1:]]
+        stale = {ref: digest for ref, _, digest in rows
+                 if ref.rsplit(":", 1)[0] == current.repository and ref != current.reference}
+        kept = {digest for ref, _, digest in rows if ref not in stale and not ref.startswith("sha256:")}
+        aliases = [ref for ref, _, digest in rows if ref.startswith("sha256:") and digest in set(stale.values()) - kept]
+        if stale:
+            self.ctr("images", "remove", "--sync", *stale, *aliases, check=False)
 
     # ---- node components --------------------------------------------------------------------------
 
