@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -21,20 +20,13 @@ import yaml
 from support.chart_identity import CHART
 from support.control_plane import fresh_namespace, wait_until
 from support.merge_resource import merge_resource
-from support.real_node import LOCAL_STORAGE_CLASS, NODE_NAME
+from support.real_node import LOCAL_STORAGE_CLASS, NODE_NAME, note, show
 
 pytestmark = pytest.mark.node
 
 RELEASE = "adaptermerge"
 CLAIM = "store"
 MERGE_TIMEOUT = 600  # seconds: the first worker pod starts a multi-GB image on a busy 2-core machine
-
-
-def show(plane, *args: str) -> str:
-    """kubectl output, also printed so the test log shows what ran where."""
-    out = plane.kubectl(*args, check=False)
-    print(f"$ kubectl {' '.join(args)}\n{out.stdout}{out.stderr}", file=sys.stderr)
-    return out.stdout
 
 
 class Release:
@@ -120,7 +112,7 @@ def release(cluster, tmp_path_factory):
             )
         running = Release(cluster, namespace, disk)
         assert installed.returncode == 0, f"helm install failed:\n{installed.stderr}\n{running.diagnostics()}"
-        print(f"real node: helm install --wait took {time.monotonic() - began:.0f}s", file=sys.stderr)
+        note(f"real node: helm install --wait took {time.monotonic() - began:.0f}s")
         show(plane, "get", "pods", "-n", namespace, "-o", "wide")
         try:
             yield running

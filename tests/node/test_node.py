@@ -7,24 +7,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import sys
 
 import yaml
 import pytest
 
 from support.control_plane import wait_until
-from support.real_node import GPU_COUNT, GPU_RESOURCE, LOCAL_STORAGE_CLASS, NODE_NAME, POD_SUBNET
+from support.real_node import GPU_COUNT, GPU_RESOURCE, LOCAL_STORAGE_CLASS, NODE_NAME, POD_SUBNET, show
 
 pytestmark = pytest.mark.node
 
 POD_TIMEOUT = 180  # seconds: the first start of a multi-GB image on a busy 2-core machine
-
-
-def show(plane, *args: str) -> str:
-    """kubectl output, also printed so the test log shows what ran where."""
-    out = plane.kubectl(*args).stdout
-    print(f"$ kubectl {' '.join(args)}\n{out}", file=sys.stderr)
-    return out
 
 
 def pod(name: str, image: str, script: str, *, gpus: int = 0, volumes: dict[str, str] | None = None) -> dict:

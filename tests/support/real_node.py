@@ -69,6 +69,23 @@ NODE_CONTROLLERS = (
 )
 
 
+# What the node ran, for the test session's summary (tests/node/conftest.py prints it even without -s):
+# the images built from the Dockerfile with their IDs, and `kubectl get pods -o wide` snapshots.
+REPORT: list[str] = []
+
+
+def note(text: str) -> None:
+    REPORT.append(text)
+    print(text, file=sys.stderr)
+
+
+def show(plane: ControlPlane, *args: str) -> str:
+    """kubectl's output, noted for the summary; returns stdout."""
+    done = plane.kubectl(*args, check=False)
+    note(f"$ kubectl {' '.join(args)}\n{done.stdout}{done.stderr}".rstrip())
+    return done.stdout
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ADAPTERMERGE_CACHE", Path.home() / ".cache" / "adaptermerge")) / "real-node"
 
@@ -211,7 +228,7 @@ class RealNode:
         root persists, so a rerun imports nothing)."""
         self.images[image.name] = image
         # Shown in the test output: which images, built from the Dockerfile, the node runs.
-        print(f"real node: image {image.name:8} {image.reference} id {image.image_id}", file=sys.stderr)
+        note(f"real node: image {image.name:8} {image.reference} id {image.image_id} ({image.archive.name})")
         if image.reference in self.ctr("images", "list", "--quiet").stdout.decode().split():
             self._prune(image)
             return
@@ -223,7 +240,7 @@ class RealNode:
         )
         if imported.returncode != 0:
             raise StartupError(f"importing {image.archive} failed:\n{imported.stderr.decode()}")
-        print(f"real node: imported {image.reference} in {time.monotonic() - began:.0f}s", file=sys.stderr)
+        note(f"real node: imported {image.reference} in {time.monotonic() - began:.0f}s")
         self._prune(image)
 
     def _prune(self, current: Image) -> None:
