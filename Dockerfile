@@ -6,8 +6,9 @@
 # and the NVIDIA container toolkit brings the driver (>= 580 for CUDA 13), so the worker needs no
 # nvidia/cuda base: both images start FROM the same slim Debian Python.
 # Dependencies install from the lock files in a layer before any source is copied, so a code change
-# rebuilds only the small project layer; pip's download cache is a build cache mount (kept by the
-# builder between builds, never in a layer), so a new lock does not download torch again. Both images run as the unprivileged user 10001.
+# rebuilds only the small project layer. pip's HTTP cache is a build cache mount (kept by the builder
+# between builds, never in a layer): where the index sends cache headers, a new lock downloads only
+# what changed. Both images run as the unprivileged user 10001.
 # BASE_IMAGE: any Debian bookworm image with python3 (>= 3.11, with venv) works; scripts/images/build.sh
 # passes one made locally with mmdebstrap, where no registry can be reached.
 

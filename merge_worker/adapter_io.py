@@ -8,30 +8,39 @@ asked for, so merging streams module by module.
 PEFT's names are normalised to the base model's module names: `base_model.model.` is dropped, and
 `<module>.lora_A[.<adapter>].weight` / `<module>.lora_embedding_A[.<adapter>]` give the factors of
 `<module>` (e.g. `model.layers.0.self_attn.q_proj`). rank_pattern / alpha_pattern keys match module
-names the way PEFT matches them (`get_pattern_key`): a key is a regex that must match the whole name or
-a suffix of it starting at a '.'.
+names the way PEFT matches them (`get_pattern_key`), within a time bound (merge_worker.inputs.patterns).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from merge_worker.factors import LoraFactors
-from merge_worker.finite_check import suspect_tensors
 from merge_worker.input_error import InputError
+from merge_worker.inputs.config_files import AdapterConfigFile
+from merge_worker.inputs.json_files import JsonFileError, read_json_model
+from merge_worker.inputs.patterns import PatternError, first_matches
+from merge_worker.inputs.safetensors_file import DTYPES, SafetensorsError, SafetensorsFile
+from merge_worker.inputs.volume_files import InputFile, InputFolder, PathRefused, VolumeRoot
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from merge_worker.factors import LoraFactors
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# The dense delta of one module (out x in, float32) may have at most this many elements: the largest
+# module of today's largest open models (an embedding of 128256 x 16384) fits; a small adapter declaring
+# a huge shape does not make the merge allocate it. docs/cli.md states the memory this bounds.
+MAX_MODULE_ELEMENTS = 1 << 31
 
 # linear: lora_A (r, in) / lora_B (out, r), delta-W = B @ A. embedding: lora_embedding_A (r, num_embeddings)
 # / lora_embedding_B (dim, r); the weight's delta is (B @ A)^T. Both merge the same way in B @ A space.
@@ -43,17 +52,8 @@ _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>[AB])(?:\
 _BASE_LAYER_KEY = re.compile(r"^.+\.(?:base_layer|original_module)\.[^.]+$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.[^.]+$)")
 
-
 class AdapterError(InputError):
     """An unusable adapter; the message names the adapter folder (and the tensor, when one is at fault)."""
-
-
-def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching `module` or a '.'-suffix of it."""
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return pattern[key]
-    return default
 
 
 @dataclass(frozen=True)
@@ -66,65 +66,74 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...]
     base_model_name_or_path: str | None
     fan_in_fan_out: bool
-    raw: dict[str, Any] = field(repr=False)
+    task_type: str | None
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The fields a written adapter_config.json carries over from its inputs."""
+        return {"task_type": self.task_type}
 
     @classmethod
-    def load(cls, folder: Path) -> AdapterConfig:
-        path = folder / CONFIG_FILE
-        if not path.is_file():
-            raise AdapterError(folder, f"no {CONFIG_FILE} (not a PEFT adapter folder)")
+    def read(cls, file: InputFile, folder: Path) -> AdapterConfig:
         try:
-            raw = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdapterError(folder, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise AdapterError(folder, f"{CONFIG_FILE} must hold a JSON object")
-        return cls.from_dict(raw, folder)
+            typed = read_json_model(file, AdapterConfigFile)
+        except JsonFileError as exc:
+            raise AdapterError(folder, f"{CONFIG_FILE}: {exc}") from None
+        return cls.from_model(typed, folder)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], folder: Path) -> AdapterConfig:
+    def from_model(cls, raw: AdapterConfigFile, folder: Path) -> AdapterConfig:
         def unsupported(what: str) -> AdapterError:
             return AdapterError(folder, f"{CONFIG_FILE}: {what} is not supported yet")
 
-        if raw.get("peft_type", "LORA") != "LORA":
-            raise unsupported(f"peft_type {raw.get('peft_type')!r} (only LORA adapters merge)")
-        if raw.get("use_dora"):
+        if raw.peft_type != "LORA":
+            raise unsupported(f"peft_type {raw.peft_type[:40]!r} (only LORA adapters merge)")
+        if raw.use_dora:
             raise unsupported("DoRA (use_dora: true)")
-        if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+        if raw.bias != "none" or raw.lora_bias:
             raise unsupported("training biases (bias / lora_bias)")
-        if raw.get("trainable_token_indices"):
+        if raw.trainable_token_indices:
             raise unsupported("trainable_token_indices")
-        r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise AdapterError(folder, f"{CONFIG_FILE}: r must be a positive integer, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise AdapterError(folder, f"{CONFIG_FILE}: lora_alpha must be a number, got {alpha!r}")
-        modules_to_save = raw.get("modules_to_save") or ()
+        modules_to_save = raw.modules_to_save or ()
         if isinstance(modules_to_save, str):
             modules_to_save = (modules_to_save,)
         return cls(
-            r=r,
-            lora_alpha=float(alpha),
-            use_rslora=bool(raw.get("use_rslora", False)),
-            rank_pattern=dict(raw.get("rank_pattern") or {}),
-            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            r=raw.r,
+            lora_alpha=float(raw.r if raw.lora_alpha is None else raw.lora_alpha),
+            use_rslora=raw.use_rslora,
+            rank_pattern=dict(raw.rank_pattern or {}),
+            alpha_pattern=dict(raw.alpha_pattern or {}),
             modules_to_save=tuple(modules_to_save),
-            base_model_name_or_path=raw.get("base_model_name_or_path"),
-            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-            raw=raw,
+            base_model_name_or_path=raw.base_model_name_or_path,
+            fan_in_fan_out=raw.fan_in_fan_out,
+            task_type=raw.task_type,
         )
 
-    def rank_for(self, module: str) -> int:
-        return int(pattern_value(self.rank_pattern, module, self.r))
-
-    def scale_for(self, module: str) -> float:
-        """alpha / r (alpha / sqrt(r) with rslora), after rank_pattern and alpha_pattern."""
-        r = self.rank_for(module)
-        alpha = float(pattern_value(self.alpha_pattern, module, self.lora_alpha))
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+    def scale(self, rank: int, alpha: float) -> float:
+        """alpha / r (alpha / sqrt(r) with rslora), for a module's rank and alpha after the patterns."""
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def saves_module(self, module: str) -> bool:
         return any(module == m or module.endswith("." + m) for m in self.modules_to_save)
+
+    def resolve_patterns(self, modules: list[str]) -> dict[str, tuple[int, float]]:
+        """Each module's (rank, alpha) after rank_pattern and alpha_pattern, matched within a time bound.
+        Raises PatternError naming the field."""
+        result = {m: (self.r, self.lora_alpha) for m in modules}
+        for field, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not pattern:
+                continue
+            keys, values = list(pattern), list(pattern.values())
+            try:
+                matches = first_matches(keys, modules)
+            except PatternError as exc:
+                raise PatternError(f"{field}: {exc}") from None
+            for module, index in matches.items():
+                if index is not None:
+                    rank, alpha = result[module]
+                    result[module] = (int(values[index]), alpha) if field == "rank_pattern" else \
+                        (rank, float(values[index]))
+        return result
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class ModuleEntry:
     b_key: str
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
+    rank: int
+    scale: float
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -145,24 +156,25 @@ class ModuleEntry:
 
 
 class _TensorFile:
-    """Lazy tensor access by key: safetensors through safe_open (memory-mapped), a pickle through
-    torch.load(weights_only=True, mmap=True)."""
+    """Tensor access by key: safetensors through our own reader (read through the checked fd), a pickle
+    through torch.load(weights_only=True) of that same fd."""
 
-    def __init__(self, path: Path, adapter: Path):
-        self.path = path
+    def __init__(self, file: InputFile, adapter: Path):
+        self.file = file
         self._adapter = adapter
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
+        if file.name.endswith(".safetensors"):
             try:
-                self._handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise AdapterError(adapter, f"cannot read {path.name}: {exc}") from None
-            self._shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
+                self._safetensors: SafetensorsFile | None = SafetensorsFile(file)
+            except (SafetensorsError, PathRefused) as exc:
+                raise AdapterError(adapter, f"{file.name}: {exc}") from None
             self._dict = None
+            self._shapes = {k: self._safetensors.shape(k) for k in self._safetensors.keys()}
+            self._dtypes = {k: self._safetensors.dtype(k) for k in self._safetensors.keys()}
         else:
-            self._dict = _load_pickle(path, adapter)
+            self._safetensors = None
+            self._dict = _load_pickle(file, adapter)
             self._shapes = {k: tuple(v.shape) for k, v in self._dict.items()}
+            self._dtypes = {k: _code_of(v.dtype) for k, v in self._dict.items()}
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -170,49 +182,82 @@ class _TensorFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype code (F32, BF16, I64...; '?' for a pickled dtype without one)."""
+        return self._dtypes[key]
+
     def get(self, key: str) -> torch.Tensor:
         if self._dict is not None:
             return self._dict[key]
-        return self._handle.get_tensor(key)
+        return self._safetensors.tensor(key)
 
-    def maybe_nonfinite(self) -> list[str]:
-        """Keys that may hold NaN or Inf (checked in bulk where the format allows): a superset of those that do."""
+    def array(self, key: str) -> np.ndarray:
+        """The stored elements (torch-free), for comparisons."""
         if self._dict is not None:
-            return self.keys()
-        return suspect_tensors(self.path)
+            import torch
+
+            return self._dict[key].contiguous().view(-1).view(torch.uint8).numpy()
+        return self._safetensors.array(key)
+
+    def first_unusable(self) -> tuple[str, str] | None:
+        """(tensor, problem) for the first float tensor holding NaN/Inf or overflowing float32."""
+        if self._safetensors is not None:
+            return self._safetensors.first_unusable()
+        import torch
+
+        for key, tensor in self._dict.items():
+            if tensor.is_floating_point():
+                if not bool(torch.isfinite(tensor).all()):
+                    return key, "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                if tensor.dtype == torch.float64 and bool((tensor.abs() > torch.finfo(torch.float32).max).any()):
+                    return key, "a value beyond float32's range (it would become Inf)"
+        return None
 
 
-def _load_pickle(path: Path, adapter: Path) -> dict[str, torch.Tensor]:
+def _code_of(dtype: Any) -> str:
+    return next((code for code, d in DTYPES.items() if d.torch_name == str(dtype).removeprefix("torch.")), "?")
+
+
+def _load_pickle(file: InputFile, adapter: Path) -> dict[str, torch.Tensor]:
     try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        import torch
+    except ImportError:
+        raise AdapterError(adapter, f"{file.name} is a pickle, which only torch reads: install "
+                                    "adaptermerge[worker] or convert the adapter to safetensors") from None
+    try:
+        try:  # through the checked fd: /proc/self/fd/N opens that very file again
+            data = torch.load(file.proc_path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
+            data = torch.load(file.proc_path, map_location="cpu", weights_only=True)  # legacy non-zip format
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
         raise AdapterError(
-            adapter, f"{path.name} cannot be loaded with torch.load(weights_only=True): {exc}"
+            adapter, f"{file.name} cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__})"
         ) from None
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
-        raise AdapterError(adapter, f"{path.name} must hold a dict of tensor name -> tensor")
+        raise AdapterError(adapter, f"{file.name} must hold a dict of tensor name -> tensor")
     return data
 
 
 class Adapter:
     """One PEFT LoRA adapter: its config, its module index, lazily loaded factors."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.config = AdapterConfig.load(self.path)
-        self.weights_path = _weights_file(self.path)
-        self._file = _TensorFile(self.weights_path, self.path)
+    def __init__(self, folder: InputFolder):
+        self.folder = folder
+        self.path = folder.path  # for messages
+        self._config_file = _open_input(folder, CONFIG_FILE, "(not a PEFT adapter folder)")
+        self.config = AdapterConfig.read(self._config_file, self.path)
+        weights = _weights_file(folder)
+        self.weights_path = folder.path / weights.name
+        self._file = _TensorFile(weights, self.path)
         self.modules: dict[str, ModuleEntry] = {}
         # modules_to_save tensors: base-model tensor name (e.g. "lm_head.weight") -> key in the file
         self.saved: dict[str, str] = {}
         self._index(self._file.keys())
+        self._view = None
 
     # -- index -------------------------------------------------------------------------------------
     def _index(self, keys: list[str]) -> None:
@@ -242,14 +287,18 @@ class Adapter:
                 )
         if len(adapter_names) > 1:
             raise AdapterError(
-                self.path, f"the file holds several adapters ({sorted(adapter_names)}); save one per folder"
+                self.path, f"the file holds several adapters ({sorted(adapter_names)[:8]}); save one per folder"
             )
+        try:
+            patterns = self.config.resolve_patterns(sorted(factors))
+        except PatternError as exc:
+            raise AdapterError(self.path, f"{CONFIG_FILE}: {exc}") from None
         for module, roles in sorted(factors.items()):
-            self.modules[module] = self._entry(module, kinds[module], roles)
+            self.modules[module] = self._entry(module, kinds[module], roles, *patterns[module])
         if not self.modules and not self.saved:
             raise AdapterError(self.path, f"{self.weights_path.name} holds no LoRA tensors")
 
-    def _entry(self, module: str, kind: ModuleKind, roles: dict[str, str]) -> ModuleEntry:
+    def _entry(self, module: str, kind: ModuleKind, roles: dict[str, str], rank: int, alpha: float) -> ModuleEntry:
         if set(roles) != {"A", "B"}:
             missing = "A" if "A" not in roles else "B"
             raise AdapterError(self.path, f"module {module} has no lora_{missing} tensor")
@@ -260,22 +309,32 @@ class Adapter:
                 f"tensor {roles['A']} has shape {list(a_shape)}: only Linear and Embedding LoRA "
                 "layers are supported yet (not convolutions)",
             )
-        rank = self.config.rank_for(module)
+        for role in ("A", "B"):
+            code = self._file.dtype(roles[role])
+            if code not in DTYPES or not DTYPES[code].is_float:
+                raise AdapterError(self.path, f"tensor {roles[role]} has dtype {code}; LoRA factors are "
+                                              "floating point")
         if a_shape[0] != b_shape[1] or a_shape[0] != rank:
             raise AdapterError(
                 self.path,
                 f"module {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not match "
                 f"the rank {rank} that {CONFIG_FILE} gives it",
             )
-        return ModuleEntry(module, kind, roles["A"], roles["B"], a_shape, b_shape)
+        if 0 in a_shape or 0 in b_shape:
+            raise AdapterError(self.path, f"module {module}: a factor of shape {list(a_shape)} / "
+                                          f"{list(b_shape)} is empty")
+        if b_shape[0] * a_shape[1] > MAX_MODULE_ELEMENTS:
+            raise AdapterError(self.path, f"module {module}: a delta of shape {[b_shape[0], a_shape[1]]} has "
+                                          f"more than {MAX_MODULE_ELEMENTS} elements (the bound of docs/cli.md)")
+        return ModuleEntry(module, kind, roles["A"], roles["B"], a_shape, b_shape, rank,
+                           self.config.scale(rank, alpha))
 
     # -- lazy tensors ------------------------------------------------------------------------------
     def factors(self, module: str) -> LoraFactors:
+        from merge_worker.factors import LoraFactors
+
         entry = self.modules[module]
-        return LoraFactors(
-            a=self._file.get(entry.a_key), b=self._file.get(entry.b_key),
-            scale=self.config.scale_for(module),
-        )
+        return LoraFactors(a=self._file.get(entry.a_key), b=self._file.get(entry.b_key), scale=entry.scale)
 
     def saved_tensor(self, name: str) -> torch.Tensor:
         return self._file.get(self.saved[name])
@@ -283,35 +342,67 @@ class Adapter:
     def saved_shape(self, name: str) -> tuple[int, ...]:
         return self._file.shape(self.saved[name])
 
+    def saved_bytes(self, name: str) -> tuple[str, tuple[int, ...], bytes]:
+        """A modules_to_save tensor's dtype, shape and stored bytes (torch-free, for comparisons)."""
+        key = self.saved[name]
+        return self._file.dtype(key), self._file.shape(key), self._file.array(key).tobytes()
+
     def check_finite(self) -> None:
-        """Raises naming the first tensor holding NaN or Inf."""
-        for key in self._file.maybe_nonfinite():
-            tensor = self._file.get(key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-                raise AdapterError(self.path, f"tensor {key} in {self.weights_path.name} holds {bad}")
+        """Raises naming the first tensor holding NaN or Inf (or a float64 value float32 cannot hold)."""
+        try:
+            bad = self._file.first_unusable()
+        except PathRefused as exc:  # the file shrank while being read
+            raise AdapterError(self.path, f"{self.weights_path.name} {exc}") from None
+        if bad is not None:
+            key, problem = bad
+            raise AdapterError(self.path, f"tensor {key} in {self.weights_path.name} holds {problem}")
 
     def files(self) -> list[Path]:
-        return [self.path / CONFIG_FILE, self.weights_path]
+        """Paths that read exactly the files this adapter was read from (for hashing and loaders)."""
+        return [self.view / CONFIG_FILE, self.view / self.weights_path.name]
+
+    @property
+    def view(self) -> Path:
+        """A folder with this adapter's config and weights, for loaders that take a path (peft)."""
+        if self._view is None:
+            self._view = self.folder.view([self._config_file, self._file.file])
+        return self._view.path
 
 
-def _weights_file(folder: Path) -> Path:
+def _weights_file(folder: InputFolder) -> InputFile:
     for name in (SAFETENSORS_FILE, PICKLE_FILE):
-        if (folder / name).is_file():
-            return folder / name
-    raise AdapterError(folder, f"no {SAFETENSORS_FILE} (or {PICKLE_FILE})")
+        if folder.exists(name):
+            return _open_input(folder, name)
+    raise AdapterError(folder.path, f"no {SAFETENSORS_FILE} (or {PICKLE_FILE})")
+
+
+def _open_input(folder: InputFolder, name: str, why_needed: str = "") -> InputFile:
+    if not folder.exists(name):
+        raise AdapterError(folder.path, f"no {name} {why_needed}".rstrip())
+    try:
+        return folder.open(name)
+    except PathRefused as exc:
+        raise AdapterError(folder.path, f"{name} {exc}") from None
+
+
+def weight_name(module: str) -> str:
+    """The base model's tensor a module's delta applies to."""
+    return f"{module}.weight"
 
 
 def _module_of(tensor_name: str) -> str:
     return tensor_name.rpartition(".")[0]
 
 
-def read_adapter(path: Path) -> Adapter:
-    """Opens a PEFT LoRA adapter folder: reads its config and tensor index, not its tensors."""
+def read_adapter(path: Path | InputFolder) -> Adapter:
+    """Opens a PEFT LoRA adapter folder: reads its config and tensor index, not its tensors. A plain
+    path (tests, benchmarks) is its own volume: its files may not lead out of it."""
+    if isinstance(path, InputFolder):
+        return Adapter(path)
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(path, "not a folder")
-    return Adapter(path)
+    return Adapter(VolumeRoot(path).open_folder(".", path))
 
 
 # -- checks across adapters ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 
 from merge_worker.adapter_io import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE, ModuleKind
 from merge_worker.factors import MergedModule
+from merge_worker.output.finite import cast_finite
 from merge_worker.safetensors_stream import SafetensorsStreamWriter
 
 
@@ -38,13 +39,15 @@ class AdapterWriter:
             return  # an all-zero delta: leaving the module out is exact
         a_name, b_name = ("lora_A.weight", "lora_B.weight") if kind == "linear" else (
             "lora_embedding_A", "lora_embedding_B")
-        self._tensors.add(f"{PEFT_PREFIX}{name}.{a_name}", merged.a.to(self.dtype))
-        self._tensors.add(f"{PEFT_PREFIX}{name}.{b_name}", merged.b.to(self.dtype))
+        for key, factor in ((a_name, merged.a), (b_name, merged.b)):
+            self._tensors.add(f"{PEFT_PREFIX}{name}.{key}",
+                              cast_finite(factor, self.dtype, f"module {name} ({key.split('.')[0]})"))
         self._ranks[name] = merged.rank
 
     def add_saved(self, tensor_name: str, tensor: torch.Tensor) -> None:
         """A merged modules_to_save tensor (full weights), e.g. "lm_head.weight"."""
-        self._tensors.add(f"{PEFT_PREFIX}{tensor_name}", tensor.to(self.dtype))
+        self._tensors.add(f"{PEFT_PREFIX}{tensor_name}",
+                          cast_finite(tensor, self.dtype, f"modules_to_save tensor {tensor_name}"))
         module = tensor_name.rpartition(".")[0]
         if module not in self._saved_modules:
             self._saved_modules.append(module)

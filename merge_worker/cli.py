@@ -2,7 +2,8 @@
 CRD, or run the operator. See docs/cli.md.
 
 Imports stay light at module level (pydantic, PyYAML): the operator image has no torch, and `crd` /
-`operator` must work there. The worker (torch) is imported only by `run` and `validate`.
+`operator` must work there. The worker (torch) is imported only by `run`; `validate` reads the inputs
+with numpy and never imports torch.
 
 Exit codes (../shared/API.md): 0 done; 2 invalid input (the message names the field or path, nothing is
 written); 3 merge written but evaluation below minRetention; 1 anything else.
@@ -11,38 +12,28 @@ written); 3 merge written but evaluation below minRetention; 1 anything else.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from merge_worker.result import build_result, write_result_file
+from merge_worker.result import build_result, printable, write_result_file
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_resource
 from merge_worker.volumes import Volumes
+
+if TYPE_CHECKING:
+    from merge_worker.output.ownership import Owner
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def load_spec_file(path: Path) -> AdapterMergeSpec:
-    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column."""
-    import yaml
+    """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column.
+    Aliases, nesting deeper than MAX_SPEC_DEPTH and NUL bytes are refused (merge_worker.inputs.spec_yaml)."""
+    from merge_worker.inputs.spec_yaml import load_spec_document
 
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(str(path), f"cannot read the file: {exc}") from None
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        raise SpecError(where, f"malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
-    if len(documents) != 1:
-        raise SpecError(str(path), f"expected one YAML document (an AdapterMerge), found {len(documents)}")
-    return parse_resource(documents[0]).spec
+    return parse_resource(load_spec_document(Path(path))).spec
 
 
 def _installed_version() -> str:
@@ -68,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("file", type=Path, help="an AdapterMerge YAML file")
         p.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
                        help="map a claim named in the spec to a local folder (repeatable)")
+        p.add_argument("--owner", metavar="NAMESPACE/NAME/UID",
+                       help="the resource the output belongs to (the operator passes it): its earlier output "
+                            "is replaced without overwrite, another resource's never")
 
     run = commands.add_parser("run", help="run the merge a YAML file describes, on this machine")
     with_inputs(run)
@@ -79,7 +73,23 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check the spec and every input without writing")
     with_inputs(validate)
+    validate.add_argument("--result-file", type=Path, metavar="PATH",
+                          help="check that run could write its result summary here (nothing is written)")
     validate.set_defaults(handler=_validate)
+
+    convert = commands.add_parser(
+        "from-mergekit", help="print the AdapterMerge resource for a mergekit YAML of BASE+ADAPTER models",
+        description="Translate a mergekit merge configuration whose models are LoRA adapters of its"
+                    " base_model (BASE+ADAPTER) into an AdapterMerge resource on stdout; what cannot be"
+                    " translated exactly is an error naming the mergekit field (exit 2).")
+    convert.add_argument("file", type=Path, help="a mergekit YAML (merge_method, base_model, models, ...)")
+    convert.add_argument("--claim", default="models", help="claim holding the base and adapters (spec.volume)")
+    convert.add_argument("--root", type=Path, help="folder the claim mounts: absolute paths are made relative to it")
+    convert.add_argument("--output", default="merged", help="output path inside the claim (default: merged)")
+    convert.add_argument("--name", help="metadata.name (default: from the file name)")
+    convert.add_argument("--format", default="merged-model", choices=["merged-model", "adapter"],
+                         help="merged-model, as mergekit writes (default), or a LoRA adapter")
+    convert.set_defaults(handler=_from_mergekit)
 
     crd = commands.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(handler=_crd)
@@ -108,29 +118,48 @@ def _quiet_optional_kernel_warnings() -> None:
 
 
 def _error(message: str) -> None:
-    print(f"adaptermerge: error: {message}", file=sys.stderr, flush=True)
+    print(f"adaptermerge: error: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from merge_worker.output import termination
+
+    previous_handlers = termination.install()
+    try:
+        return _run_and_report(args)
+    finally:
+        termination.restore(previous_handlers)
+
+
+def _run_and_report(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
-    def report(exit_code: int, message: str) -> int:
+    def report(exit_code: int, message: str, **details) -> int:
         if args.result_file:
             write_result_file(args.result_file, build_result(
-                exit_code, message, seconds=time.monotonic() - started))
+                exit_code, message, seconds=time.monotonic() - started, **details))
         return exit_code
 
-    previous_handler = _terminate_as_interrupt()
+    if args.result_file:
+        try:  # before anything else: an unwritable result file could not even report the error
+            from merge_worker.inputs.validation import check_result_file
+
+            check_result_file(args.result_file)
+        except SpecError as exc:
+            _error(str(exc))
+            return EXIT_INVALID
     try:
+        owner = _owner(args.owner)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
         from merge_worker.run import run_merge
 
-        outcome = run_merge(spec, volumes, device=args.device)
+        outcome = run_merge(spec, volumes, device=args.device, owner=owner, spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
-        return report(EXIT_INVALID, str(exc))
+        return report(EXIT_INVALID, str(exc), field=exc.field, reason=getattr(exc, "reason", None))
     except KeyboardInterrupt:
+        # Interrupts raise only before the output is published (merge_worker/output/termination.py).
         _error("interrupted; nothing was written")
         return report(EXIT_FAILED, "interrupted; nothing was written")
     except Exception as exc:  # noqa: BLE001 - any other failure: exit 1 with the reason
@@ -138,21 +167,29 @@ def _run(args: argparse.Namespace) -> int:
         message = f"merge failed: {type(exc).__name__}: {exc}"
         _error(message)
         return report(EXIT_FAILED, message)
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     if args.result_file:
         write_result_file(args.result_file, outcome.result)
     return outcome.exit_code
 
 
+def _owner(value: str | None) -> Owner | None:
+    if value is None:
+        return None
+    from merge_worker.output.ownership import Owner
+
+    return Owner.parse(value)
+
+
 def _validate(args: argparse.Namespace) -> int:
+    """The checks `run` makes before merging (the same function), without torch and writing nothing."""
     try:
+        from merge_worker.inputs.validation import check_result_file, load_inputs
+
+        if args.result_file:
+            check_result_file(args.result_file)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        from merge_worker.run import load_inputs
-
-        inputs = load_inputs(spec, volumes)
+        inputs = load_inputs(spec, volumes, owner=_owner(args.owner), spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
         return EXIT_INVALID
@@ -161,24 +198,29 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _from_mergekit(args: argparse.Namespace) -> int:
+    import re
+
+    from merge_worker.from_mergekit import TranslationError, load_config, to_yaml, translate
+
+    name = args.name or re.sub(r"[^a-z0-9-]+", "-", args.file.stem.lower()).strip("-") or "merge"
+    try:
+        resource, notes = translate(load_config(args.file), claim=args.claim, output=args.output, name=name,
+                                    root=args.root, output_format=args.format)
+    except TranslationError as exc:
+        _error(f"{args.file}: {exc.field}: {exc.message}")
+        return EXIT_INVALID
+    for note in notes:
+        print(f"adaptermerge: note: {note}", file=sys.stderr)
+    sys.stdout.write(to_yaml(resource))
+    return EXIT_OK
+
+
 def _crd(args: argparse.Namespace) -> int:
     from merge_worker.crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
     return EXIT_OK
-
-
-def _terminate_as_interrupt():
-    """SIGTERM (a deleted pod) unwinds like Ctrl-C, so the temp folder is removed on the way out.
-    Returns the previous handler (None where signals cannot be set: not the main thread)."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:
-        return None
 
 
 if __name__ == "__main__":

@@ -84,12 +84,16 @@ def build_manifest(
     modules: list[ModuleRecord],
     timings: dict[str, float],
     evaluation: dict[str, Any] | None,
+    owner: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """owner: the resource the output belongs to (--owner); a later generation of it may replace the
+    output, another resource may not (merge_worker/output/ownership.py)."""
     errors = [m.relative_error for m in modules]
     return {
         "apiVersion": "adaptermerge.io/v1alpha1",
         "kind": "MergeManifest",
         "createdAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"owner": owner} if owner else {}),
         "method": spec["method"],
         "parameters": spec.get("parameters", {}),
         "output": spec["output"],

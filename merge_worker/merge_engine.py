@@ -1,9 +1,10 @@
 """Runs a merge method over a stream of modules and yields LoRA factors of the merged deltas.
 
 Modules are consumed lazily and merged in bounded batches, so peak memory depends on the largest module
-and the batch budget, never on how many modules a model has. Low-rank methods (linear, cat, slerp) go
-module by module through the exact factoring of refactor.py and never form out x in matrices. Dense
-methods (ties, dare_*, magnitude_prune) build the task vectors of a batch of equal-shape modules on the
+and the batch budget, never on how many modules a model has. Low-rank methods (linear, task_arithmetic,
+cat, slerp, nuslerp, model_stock) go module by module through the exact factoring of refactor.py and
+never form out x in matrices. Dense
+methods (the sparsifying ones and sce) build the task vectors of a batch of equal-shape modules on the
 device, merge them with one set of kernel launches, and re-factor with a truncated SVD. Results are
 handed back on the CPU, so a consumer that collects them does not hold device memory.
 """

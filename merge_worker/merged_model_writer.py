@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from merge_worker.adapter_io import ModuleKind
+from merge_worker.adapter_io import ModuleKind, weight_name
 from merge_worker.base_weights import INDEX_FILE, SINGLE_FILE, BaseWeights
+from merge_worker.output.finite import cast_finite
 from merge_worker.safetensors_stream import DTYPE_CODES
 
 DEFAULT_SHARD_BYTES = 2 << 30  # smaller shards: more of them are written side by side
@@ -40,10 +41,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-def weight_name(module: str) -> str:
-    return f"{module}.weight"
-
-
 def apply_delta(weight: torch.Tensor, delta: torch.Tensor, kind: ModuleKind, fan_in_fan_out: bool) -> torch.Tensor:
     """W + delta in float32 on the delta's device; delta is in B @ A space (out, in), transposed where
     the weight is stored the other way round (embeddings, fan_in_fan_out Conv1D layers)."""
@@ -52,9 +49,11 @@ def apply_delta(weight: torch.Tensor, delta: torch.Tensor, kind: ModuleKind, fan
     return weight.to(delta.device, non_blocking=True).to(torch.float32) + delta.to(torch.float32)
 
 
-def to_output_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The one place where an output tensor takes the output dtype (integer tensors keep theirs)."""
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def to_output_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str,
+                    copied_from: str | None = None) -> torch.Tensor:
+    """The one place where an output tensor takes the output dtype (integer tensors keep theirs), checked
+    finite after the cast (merge_worker/output/finite.py; `what` names it in the error)."""
+    return cast_finite(tensor, dtype, what, copied_from=copied_from)
 
 
 def write_merged_model(
@@ -88,11 +87,11 @@ def write_merged_model(
             weight = sources.read(sources.locate(name), buffers)  # outside the lock: reads overlap merges
             with lock:
                 tensor = to_output_dtype(apply_delta(weight, delta_for(module), modules[module], fan_in_fan_out),
-                                         dtype)
+                                         dtype, f"merged weight {name} (base + merged delta)")
                 return buffers.host_copy(tensor)
         with lock:
             # The callback reads the base tensor itself; loading it here too would be waste.
-            return buffers.host_copy(to_output_dtype(saved[name](), dtype))
+            return buffers.host_copy(to_output_dtype(saved[name](), dtype, f"modules_to_save tensor {name}"))
 
     def write_shard(shard: _Shard) -> None:
         buffers = _Buffers(pinned=pin_memory)
@@ -106,7 +105,9 @@ def write_merged_model(
                 elif source.dtype == entry.dtype:
                     shard.copy(entry, source, sources.fd(source))  # unchanged bytes: file to file
                 else:
-                    shard.write(entry, buffers.host_copy(to_output_dtype(sources.read(source, buffers), dtype)))
+                    shard.write(entry, buffers.host_copy(to_output_dtype(
+                        sources.read(source, buffers), dtype, f"base model tensor {entry.name}",
+                        copied_from="spec.baseModel.path")))
 
     workers = min(threads or MAX_WRITER_THREADS, len(shards), os.cpu_count() or 1)
     try:

@@ -10,176 +10,36 @@ model, evaluation datasets, the output's existence) is checked before anything i
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merge_worker.adapter_io import (
-    Adapter,
-    AdapterError,
-    ModulePlan,
-    check_same_base,
-    iter_module_factors,
-    plan_modules,
-    read_adapter,
-)
+from merge_worker.adapter_io import iter_module_factors
 from merge_worker.adapter_writer import AdapterWriter
-from merge_worker.base_weights import BaseWeights, BaseWeightsError
-from merge_worker.eval_datasets import read_jsonl
 from merge_worker.factors import LoraFactors, MergeParams
+from merge_worker.inputs.validation import Inputs, load_inputs
 from merge_worker.manifest import FileDigests, build_manifest, describe_input, write_manifest
-from merge_worker.merged_model_writer import weight_name, write_merged_model
+from merge_worker.merged_model_writer import write_merged_model
+from merge_worker.output import termination
+from merge_worker.output.overlap import OUTPUT_FIELD
+from merge_worker.output.ownership import Owner
+from merge_worker.output.publish import OutputSlot
+from merge_worker.output.target import check_target
 from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, log, merge_summary
 from merge_worker.result import build_result
 from merge_worker.spec import AdapterMergeSpec, SpecError
-from merge_worker.volumes import Volumes, ensure_inside
+from merge_worker.volumes import Volumes
 
 Log = Callable[[str], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# -- validation: everything before anything is written ---------------------------------------------
-
-
-@dataclass
-class Inputs:
-    spec: AdapterMergeSpec
-    volumes: Volumes
-    adapters: list[Adapter]
-    adapter_paths: list[Path]
-    plan: list[ModulePlan]
-    saved: dict[str, tuple[bool, ...]]  # modules_to_save tensor name -> which adapters carry it
-    base: BaseWeights | None
-    base_path: Path | None
-    dataset_paths: list[Path]
-    output_path: Path
-
-
-def load_inputs(spec: AdapterMergeSpec, volumes: Volumes) -> Inputs:
-    """Resolves and checks every input of `spec`; raises SpecError naming the field at fault."""
-    adapter_paths = [
-        volumes.resolve(spec, a, f"spec.adapters[{i}].path", expect="dir") for i, a in enumerate(spec.adapters)
-    ]
-    base_path = (
-        volumes.resolve(spec, spec.base_model, "spec.baseModel.path", expect="dir") if spec.base_model else None
-    )
-    dataset_paths = [
-        volumes.resolve(spec, d, f"spec.evaluation.datasets[{i}].path", expect="file")
-        for i, d in enumerate(spec.evaluation.datasets if spec.evaluation else [])
-    ]
-    output_path = volumes.resolve(spec, spec.output, "spec.output.path", expect="output")
-    roots = {claim: volumes.root(claim, "spec").resolve() for claim in spec.claims()}
-
-    adapters = _read_adapters(spec, adapter_paths, roots)
-    fields = {a.path: f"spec.adapters[{i}].path" for i, a in enumerate(adapters)}
-    try:
-        if not spec.allow_base_mismatch:
-            check_same_base(adapters)
-        plan = plan_modules(adapters)
-        # One thread per adapter: the scan is reads and torch reductions, which release the GIL.
-        with ThreadPoolExecutor(max_workers=min(len(adapters), os.cpu_count() or 1)) as pool:
-            list(pool.map(Adapter.check_finite, adapters))  # raises the first failing adapter's error
-    except AdapterError as exc:
-        raise SpecError(fields[exc.path], str(exc)) from None
-    saved = {
-        name: tuple(name in a.saved for a in adapters)
-        for name in sorted(set().union(*(a.saved for a in adapters)))
-    }
-    base = _open_base(spec, base_path, roots) if base_path else None
-    _check_against_base(spec, adapters, plan, saved, base)
-    for i, (ref, path) in enumerate(zip(spec.evaluation.datasets if spec.evaluation else [], dataset_paths)):
-        read_jsonl(path, f"spec.evaluation.datasets[{i}].path", ref.max_examples)  # evaluation reads it again
-    _check_output(spec, output_path, adapter_paths + ([base_path] if base_path else []))
-    return Inputs(spec, volumes, adapters, adapter_paths, plan, saved, base, base_path, dataset_paths,
-                  output_path)
-
-
-def _read_adapters(spec: AdapterMergeSpec, paths: list[Path], roots: dict[str, Path]) -> list[Adapter]:
-    adapters = []
-    for i, (ref, path) in enumerate(zip(spec.adapters, paths)):
-        field_name = f"spec.adapters[{i}].path"
-        try:
-            adapter = read_adapter(path)
-        except AdapterError as exc:
-            raise SpecError(field_name, str(exc)) from None
-        _check_files_inside(adapter.files(), roots[spec.claim_of(ref)], field_name)
-        adapters.append(adapter)
-    return adapters
-
-
-def _check_files_inside(files: list[Path], root: Path, field_name: str) -> None:
-    """A file inside an input folder may be a symlink too: it must not lead out of the volume."""
-    for path in files:
-        ensure_inside(path, root, field_name)
-
-
-def _open_base(spec: AdapterMergeSpec, path: Path, roots: dict[str, Path]) -> BaseWeights:
-    try:
-        base = BaseWeights(path)
-    except BaseWeightsError as exc:
-        raise SpecError("spec.baseModel.path", str(exc)) from None
-    _check_files_inside(base.files(), roots[spec.claim_of(spec.base_model)], "spec.baseModel.path")
-    return base
-
-
-def _check_against_base(
-    spec: AdapterMergeSpec,
-    adapters: list[Adapter],
-    plan: list[ModulePlan],
-    saved: dict[str, tuple[bool, ...]],
-    base: BaseWeights | None,
-) -> None:
-    def field_of(present: tuple[bool, ...]) -> str:
-        return f"spec.adapters[{present.index(True)}].path"
-
-    fan_in_fan_out = adapters[0].config.fan_in_fan_out
-    for module in plan if base else []:
-        name = weight_name(module.name)
-        out, inp = module.shape
-        expected = (inp, out) if module.kind == "embedding" or fan_in_fan_out else (out, inp)
-        if name not in base:
-            raise SpecError(field_of(module.present), f"module {module.name}: the base model has no {name}")
-        if base.shape(name) != expected:
-            raise SpecError(
-                field_of(module.present),
-                f"module {module.name}: the adapter's delta fits a weight of shape {list(expected)}, "
-                f"but the base model's {name} is {list(base.shape(name))}",
-            )
-    for name, present in saved.items():
-        carriers = [a for a, p in zip(adapters, present) if p]
-        if base is not None:
-            if name not in base or base.shape(name) != carriers[0].saved_shape(name):
-                raise SpecError(field_of(present), f"modules_to_save tensor {name} does not match the base model")
-            continue
-        first = carriers[0].saved_tensor(name)
-        for i, adapter in enumerate(adapters):
-            if name not in adapter.saved or not torch.equal(adapter.saved_tensor(name), first):
-                raise SpecError(
-                    f"spec.adapters[{i}].path",
-                    f"{adapter.path}: modules_to_save tensor {name} differs between the adapters (or is "
-                    "missing from this one); merging it needs spec.baseModel",
-                )
-
-
-def _check_output(spec: AdapterMergeSpec, output: Path, inputs: list[Path]) -> None:
-    for path in inputs:
-        if output == path or output.is_relative_to(path) or path.is_relative_to(output):
-            raise SpecError("spec.output.path", f"{output} overlaps the input {path}")
-    if output.exists() and not spec.output.overwrite:
-        raise SpecError(
-            "spec.output.path",
-            f"{spec.output.path!r} already exists ({output}); set spec.output.overwrite: true to replace it",
-        )
+# -- validation: everything before anything is written (merge_worker.inputs.validation) ---------------
 
 
 def pick_device(choice: str) -> torch.device:
@@ -203,7 +63,7 @@ def merge_params(spec: AdapterMergeSpec) -> MergeParams:
                        gammas=tuple(a.gamma for a in spec.adapters),
                        epsilons=tuple(a.epsilon for a in spec.adapters),
                        gamma=p.gamma, epsilon=p.epsilon, normalize=p.normalize, rescale=p.rescale,
-                       conventions=p.conventions, select_topk=p.select_topk)
+                       conventions=p.conventions, select_topk=1.0 if p.select_topk is None else p.select_topk)
 
 
 def _on_device(factors: list[LoraFactors | None], device: torch.device) -> list[torch.Tensor | None]:
@@ -286,38 +146,6 @@ def _write_merged_model(inputs: Inputs, folder: Path, device: torch.device, prog
 # -- publishing ------------------------------------------------------------------------------------
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def publish(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Moves the finished temp folder into place; an existing output (overwrite: true) is swapped out
-    atomically and then deleted, so readers see the old or the new folder, never a mix."""
-    if not output.exists():
-        os.rename(tmp, output)  # fails (ENOTEMPTY) if someone created a non-empty folder meanwhile
-        return
-    if not overwrite:
-        raise SpecError("spec.output.path", f"{output} appeared during the merge; not replaced")
-    if _exchange(tmp, output):
-        shutil.rmtree(tmp)  # tmp now holds the previous output
-        return
-    old = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-    os.rename(output, old)
-    os.rename(tmp, output)
-    shutil.rmtree(old)
-
-
 def _make_parents(folder: Path) -> list[Path]:
     """Creates missing parent folders; returns those it created (deepest last) to undo on failure."""
     missing = []
@@ -341,12 +169,12 @@ class Outcome:
 
 
 def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto", print_out: Log = print,
-              tty: bool | None = None) -> Outcome:
+              tty: bool | None = None, owner: Owner | None = None, spec_file: Path | None = None) -> Outcome:
     """Runs a validated spec. Raises SpecError for bad input (nothing written); other exceptions are
     failures (nothing left behind either)."""
     started = time.monotonic()
     timings: dict[str, float] = {}
-    inputs = load_inputs(spec, volumes)
+    inputs = load_inputs(spec, volumes, owner=owner, spec_file=spec_file)
     torch_device = pick_device(device)
     timings["validate"] = time.monotonic() - started
     log(f"{len(inputs.adapters)} adapters, {len(inputs.plan)} modules, method {spec.method}, "
@@ -354,39 +182,63 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
 
     output = inputs.output_path
     created = _make_parents(output.parent)
-    tmp = output.parent / f".{output.name}.tmp-{secrets.token_hex(4)}"
+    slot = OutputSlot(output, owner, inputs.protected, OUTPUT_FIELD)
     digests = FileDigests(_input_files(inputs))
     try:
-        tmp.mkdir()
-        records, evaluation, manifest = _build(inputs, tmp, torch_device, timings, tty, digests)
-        publish(tmp, output, spec.output.overwrite)
+        slot.open()
+        records, evaluation, manifest = _build(inputs, slot.tmp, torch_device, timings, tty, digests)
+        passed = evaluation is None or bool(evaluation.get("passed"))
+        published = passed or spec.evaluation.publish_below_threshold
+        if published:
+            # Decided again: the output may have appeared (or changed hands) during the merge.
+            slot.publish(check_target(spec, output, inputs.protected, owner))
+        else:
+            raise _NotPublished
+    except _NotPublished:
+        _discard(slot, created)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(created):
-            _rmdir_if_empty(folder)
+        _discard(slot, created)
         raise
+    else:
+        slot.close()
     finally:
         digests.close()
     seconds = time.monotonic() - started
     print_out(merge_summary(records, seconds))
     if evaluation is not None:
         print_out(evaluation_summary(evaluation))
-    passed = evaluation is None or bool(evaluation.get("passed"))
     exit_code = 0 if passed else 3
-    message = f"merged {len(records)} modules with {spec.method} into {spec.output.path}"
+    message = f"merged {len(records)} modules with {spec.method}"
+    message += f" into {spec.output.path}" if published else f"; {spec.output.path} was not published"
     if not passed:
         message += f"; evaluation below minRetention {spec.evaluation.min_retention}"
+        if not published:
+            message += " and spec.evaluation.publishBelowThreshold is false"
+    if termination.noted_signal():
+        message += f"; {termination.noted_signal()} arrived after the output was published, so the run finished"
     log(message)
     result = build_result(
         exit_code, message, seconds=seconds, modules=len(records),
         max_reconstruction_error=max((r.relative_error for r in records), default=0.0),
         rank=spec.output.rank if spec.output.format == "adapter" else None,  # a merged model has no rank
-        output={"claimName": spec.claim_of(spec.output), "path": spec.output.path, "format": spec.output.format},
+        output={"claimName": spec.claim_of(spec.output), "path": spec.output.path,
+                "format": spec.output.format} if published else None,
+        published=published,
         retention=None if evaluation is None else {
             name: d.get("retention") for name, d in evaluation.get("datasets", {}).items()
         },
     )
     return Outcome(exit_code, result, output, manifest)
+
+
+class _NotPublished(Exception):
+    """Evaluation fell below minRetention and the spec asks not to publish such an output."""
+
+
+def _discard(slot: OutputSlot, created: list[Path]) -> None:
+    slot.abort()
+    for folder in reversed(created):
+        _rmdir_if_empty(folder)
 
 
 def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, float], tty: bool | None,
@@ -412,7 +264,7 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
         inputs=_describe_inputs(inputs, digests),
         device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
-        evaluation=evaluation,
+        evaluation=evaluation, owner=None if inputs.owner is None else inputs.owner.to_json(),
     )
     write_manifest(tmp, manifest)
     return records, evaluation, manifest
@@ -432,14 +284,14 @@ def _describe_inputs(inputs: Inputs, digests: FileDigests) -> list[dict[str, Any
     for ref, adapter in zip(spec.adapters, inputs.adapters):
         cfg = adapter.config
         described.append(describe_input(
-            "adapter", spec.claim_of(ref), ref.path, adapter.path, adapter.files(), digests, name=ref.name,
+            "adapter", spec.claim_of(ref), ref.path, adapter.view, adapter.files(), digests, name=ref.name,
             config={"r": cfg.r, "loraAlpha": cfg.lora_alpha, "useRslora": cfg.use_rslora,
                     "rankPattern": cfg.rank_pattern, "alphaPattern": cfg.alpha_pattern,
                     "baseModelNameOrPath": cfg.base_model_name_or_path},
         ))
     if inputs.base is not None:
         described.append(describe_input("baseModel", spec.claim_of(spec.base_model), spec.base_model.path,
-                                        inputs.base_path, inputs.base.files(), digests))
+                                        inputs.base.folder, inputs.base.files(), digests))
     for ref, path in zip(spec.evaluation.datasets if spec.evaluation else [], inputs.dataset_paths):
         described.append(describe_input("evaluationDataset", spec.claim_of(ref), ref.path, path, [path],
                                         digests, name=ref.name))

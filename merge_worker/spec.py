@@ -158,7 +158,8 @@ class Parameters(_Model):
     rescale: Rescale | None = Field(default=None, description="How survivors are rescaled; default per method.")
     gamma: float | None = Field(default=None, ge=0, lt=1, description="breadcrumbs: top fraction removed (0.01).")
     epsilon: float | None = Field(default=None, ge=0, lt=0.5, description="della: probability spread (0.15).")
-    select_topk: float = Field(default=1.0, gt=0, le=1, description="sce: fraction of entries kept by variance.")
+    select_topk: float | None = Field(default=None, gt=0, le=1,
+                                      description="sce: fraction of entries kept by variance (1 when unset).")
 
     @model_validator(mode="after")
     def _finite(self) -> Parameters:
@@ -220,6 +221,9 @@ class Evaluation(_Model):
     """One dataset per skill to score."""
     min_retention: float | None = None
     """Fail (exit 3, RetentionBelowThreshold) when any dataset's retention is below this."""
+    publish_below_threshold: bool = True
+    """Publish an output whose retention is below minRetention (the run still ends RetentionBelowThreshold).
+    false: such an output is discarded, and an existing output stays as it was."""
     batch_size: int = Field(default=8, ge=1)
     """Rows scored per forward pass."""
     max_new_tokens: int = Field(default=64, ge=1)
@@ -341,7 +345,8 @@ class AdapterMergeSpec(_Model):
             )
         allowed = METHOD_OPTIONS.get(self.method, frozenset())
         for attr in ("normalize", "rescale", "gamma", "epsilon", "select_topk"):
-            if attr in p.model_fields_set and to_camel(attr) not in allowed:
+            # A value, not mere presence: a spec written back with model_dump carries every key, unset as null.
+            if getattr(p, attr) is not None and to_camel(attr) not in allowed:
                 raise _FieldError(f"parameters.{to_camel(attr)}", f"method {self.method} does not use it")
         if p.rescale == "inverse-probability" and not self.method.startswith(("dare_", "della")):
             raise _FieldError("parameters.rescale", "inverse-probability applies to the random drops of dare_*"

@@ -39,7 +39,7 @@ _BITS_DTYPE = {
 
 
 def keep_count(numel: int, density: float) -> int:
-    """How many entries trim keeps: round(density * numel), as MERGING.md defines it."""
+    """How many entries trim keeps under adaptermerge conventions: round(density * numel) (docs/merging.md)."""
     return round(density * numel)
 
 
@@ -202,7 +202,7 @@ def zero_below_(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tenso
 def trim_(x: torch.Tensor, density: float) -> torch.Tensor:
     """Zeroes, in place, all but the keep_count(x.numel(), density) largest-magnitude entries of x.
 
-    Entries equal to the threshold are all kept (MERGING.md allows a few more at ties)."""
+    Entries equal to the threshold are all kept (docs/merging.md: a few more at ties)."""
     if density >= 1:
         return x
     return zero_below_(x, kth_largest_magnitude(x, keep_count(x.numel(), density)))

@@ -2,8 +2,9 @@
 
 In a pod every claim is mounted at /mnt/claims/<claim>; locally the user says `--volume CLAIM=DIR`.
 A path may never leave its volume: not by '..', not by being absolute, not by a symlink pointing out
-(checked on the real path, so a link inside the volume that stays inside is fine).
-No torch here: the CLI front imports this for `validate`.
+(a link inside the volume that stays inside is fine). Inputs are opened with
+merge_worker.inputs.volume_files, which follows each path beneath the volume's root before anything is
+opened. No torch here: the CLI front imports this for `validate`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from merge_worker.inputs.volume_files import InputFile, InputFolder, PathRefused, VolumeRoot
 from merge_worker.spec import AdapterMergeSpec, PathRef, SpecError
 
 Expect = Literal["file", "dir", "output"]
@@ -20,6 +22,9 @@ Expect = Literal["file", "dir", "output"]
 class Volumes:
     def __init__(self, mapping: dict[str, Path]):
         self._roots = {claim: Path(folder) for claim, folder in mapping.items()}
+        self._opened: dict[str, VolumeRoot] = {}
+        self._views: dict[tuple[str, str], Path] = {}
+        self._kept: list[object] = []  # views made here live as long as this object
 
     @classmethod
     def from_args(cls, values: list[str]) -> Volumes:
@@ -47,27 +52,62 @@ class Volumes:
             )
         return self._roots[claim]
 
-    def resolve(self, spec: AdapterMergeSpec, ref: PathRef, field: str, *, expect: Expect) -> Path:
-        """The local path of `ref`. expect="file"/"dir": it must exist as that; expect="output": it may
-        be missing, but what exists of it must stay inside the volume (a symlinked output is refused).
-        Returns the path below the volume's real root, so later opens cannot be redirected outside."""
+    def open_folder(self, spec: AdapterMergeSpec, ref: PathRef, field: str) -> InputFolder:
+        """The input folder `ref` names, opened beneath its volume; SpecError naming `field` otherwise."""
+        volume, path, where = self._locate(spec, ref, field)
+        try:
+            return volume.open_folder(ref.path, path)
+        except PathRefused as exc:
+            raise SpecError(field, f"{where} {exc} ({path})") from None
+
+    def open_file(self, spec: AdapterMergeSpec, ref: PathRef, field: str) -> InputFile:
+        volume, path, where = self._locate(spec, ref, field)
+        try:
+            return volume.open_file(ref.path, path)
+        except PathRefused as exc:
+            raise SpecError(field, f"{where} {exc} ({path})") from None
+
+    def remember_view(self, spec: AdapterMergeSpec, ref: PathRef, view: Path) -> None:
+        """Records the view (merge_worker.inputs.volume_files) of the files validated for `ref`."""
+        self._views[(spec.claim_of(ref), ref.path)] = view
+
+    def view_of(self, spec: AdapterMergeSpec, ref: PathRef, field: str) -> Path:
+        """A folder path for loaders (transformers, peft) that reads exactly the checked files of the
+        input folder `ref`: the one validation recorded, else a view of all its files."""
+        key = (spec.claim_of(ref), ref.path)
+        if key not in self._views:
+            folder = self.open_folder(spec, ref, field)
+            try:
+                view = folder.view()
+            except PathRefused as exc:
+                raise SpecError(field, f"{folder.path}: {exc}") from None
+            self._kept.append(view)
+            self._views[key] = view.path
+        return self._views[key]
+
+    def _locate(self, spec: AdapterMergeSpec, ref: PathRef, field: str) -> tuple[VolumeRoot, Path, str]:
         claim = spec.claim_of(ref)
-        root = self.root(claim, field).resolve()
-        parts = ref.path.split("/")
-        if ref.path.startswith("/") or ".." in parts:
+        root = self.root(claim, field)
+        if ref.path.startswith("/") or ".." in ref.path.split("/"):
             raise SpecError(field, f"{ref.path!r} must be a relative path inside volume {claim!r}")
-        path = root.joinpath(*[p for p in parts if p not in ("", ".")])
-        where = f"{ref.path!r} on volume {claim!r}"
-        if expect == "output":
-            return self._resolve_output(path, root, field, where)
-        real = ensure_inside(path, root, field, where)
-        if not path.exists():
-            raise SpecError(field, f"{where} does not exist ({path})")
-        if expect == "dir" and not real.is_dir():
-            raise SpecError(field, f"{where} is not a folder ({path})")
-        if expect == "file" and not real.is_file():
-            raise SpecError(field, f"{where} is not a file ({path})")
-        return real
+        if claim not in self._opened:
+            self._opened[claim] = VolumeRoot(root)
+        path = root.joinpath(*[p for p in ref.path.split("/") if p not in ("", ".")])
+        return self._opened[claim], path, f"{ref.path!r} on volume {claim!r}"
+
+    def resolve(self, spec: AdapterMergeSpec, ref: PathRef, field: str, *, expect: Expect) -> Path:
+        """The real local path of `ref`. expect="file"/"dir": it must exist as that, beneath its volume;
+        expect="output": it may be missing, but what exists of it must stay inside the volume (a
+        symlinked output is refused). Inputs are read through open_folder/open_file, not this path."""
+        if expect == "dir":
+            return self.open_folder(spec, ref, field).real
+        if expect == "file":
+            return _real(self.open_file(spec, ref, field))
+        claim = spec.claim_of(ref)
+        self._locate(spec, ref, field)
+        root = self.root(claim, field).resolve()
+        path = root.joinpath(*[p for p in ref.path.split("/") if p not in ("", ".")])
+        return self._resolve_output(path, root, field, f"{ref.path!r} on volume {claim!r}")
 
     @staticmethod
     def _resolve_output(path: Path, root: Path, field: str, where: str) -> Path:
@@ -89,9 +129,5 @@ class Volumes:
         return real_parent / path.relative_to(existing)
 
 
-def ensure_inside(path: Path, root: Path, field: str, where: str | None = None) -> Path:
-    """The real path of `path`, which may be or pass through a symlink but must not lead out of root."""
-    real = Path(os.path.realpath(path))
-    if not real.is_relative_to(root):
-        raise SpecError(field, f"{where or path} leads outside its volume (symlink to {real})")
-    return real
+def _real(file: InputFile) -> Path:
+    return Path(os.readlink(file.proc_path))

@@ -1,9 +1,9 @@
-"""What every merge method provides (one class per method, mergekit style; see ../../../shared/MERGING.md).
+"""What every merge method provides (one class per method, mergekit style; docs/merging.md).
 
 All methods work on task vectors in delta-W space. The engine hands a method the dense task vectors of
 a batch of equal-shape modules, stacked as `taus[i, m]` (adapter i, module m; zeros where an adapter
 does not target the module), and the method returns the merged deltas. Methods whose result is a sum of
-scaled low-rank terms (linear, cat, slerp) also say which coefficient multiplies each adapter's
+scaled low-rank terms (linear, task_arithmetic, cat, slerp, nuslerp, model_stock) also say which coefficient multiplies each adapter's
 `B_i @ A_i`, so the engine can factor the result exactly without forming any out x in matrix.
 """
 

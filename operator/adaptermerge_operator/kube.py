@@ -15,6 +15,9 @@ from typing import Any, Callable, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from adaptermerge_operator import metrics
 
 from merge_worker import spec as specs
 
@@ -29,6 +32,23 @@ class Conflict(Exception):
 
 class AlreadyExists(Exception):
     """An object of that name exists (HTTP 409 on a create)."""
+
+
+class Rejected(Exception):
+    """The API server refused the object as invalid (HTTP 400 or 422): retrying cannot help.
+    The message is the API server's own."""
+
+
+class Forbidden(Exception):
+    """The API server refused the request for now (HTTP 403: a ResourceQuota, an admission policy,
+    RBAC). The message is the API server's own; a retry may succeed once that changes."""
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
 
 
 def load_client_config() -> client.Configuration:
@@ -55,8 +75,15 @@ class KubeApi:
         self.executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kube-api")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs one blocking call off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        """Runs one blocking call off the event loop; failures count in adaptermerge_api_errors_total."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        except ApiException as exc:
+            metrics.count_api_error(fn.__name__, exc.status)
+            raise
+        except HTTPError:
+            metrics.count_api_error(fn.__name__, "connection")
+            raise
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -86,6 +113,18 @@ class KubeApi:
                 raise Conflict(meta["name"]) from None
             raise
 
+    # -- PersistentVolumeClaims (only with a tenant policy on claim labels) -------------------------
+
+    def claim_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The claim's labels ({} if none); None when there is no such claim."""
+        try:
+            claim = _json(self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return claim["metadata"].get("labels") or {}
+
     # -- Jobs and ConfigMaps ---------------------------------------------------------------------
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +135,12 @@ class KubeApi:
         except ApiException as exc:
             if exc.status == 409:
                 raise AlreadyExists(obj["metadata"]["name"]) from None
+            if exc.status in (400, 403, 422):  # answered here, so KubeApi.run does not see them
+                metrics.count_api_error("create", exc.status)
+            if exc.status in (400, 422):
+                raise Rejected(_api_message(exc)) from None
+            if exc.status == 403:
+                raise Forbidden(_api_message(exc)) from None
             raise
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -117,3 +162,44 @@ class KubeApi:
                 return False
             raise
         return True
+
+    def add_job_finalizer(self, namespace: str, name: str, finalizer: str) -> None:
+        """Adds `finalizer` to the Job (a strategic merge patch: finalizers merge as a set)."""
+        patch = {"metadata": {"finalizers": [finalizer]}}
+        try:
+            self.batch.patch_namespaced_job(name, namespace, patch, _content_type="application/strategic-merge-patch+json",
+                                            _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def remove_job_finalizer(self, namespace: str, name: str, finalizer: str) -> None:
+        """Takes `finalizer` off the Job, leaving any other finalizer (e.g. foregroundDeletion) alone.
+
+        A JSON patch that tests the entry it removes, so a concurrent change of the list fails it
+        (422) instead of removing the wrong entry; then the list is read again."""
+        for _ in range(5):
+            job = self.get("Job", namespace, name)
+            finalizers = (job or {}).get("metadata", {}).get("finalizers") or []
+            if finalizer not in finalizers:
+                return
+            index = finalizers.index(finalizer)
+            patch = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+                     {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+            try:
+                self.batch.patch_namespaced_job(name, namespace, patch, _content_type="application/json-patch+json",
+                                                _preload_content=False)
+                return
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                if exc.status != 422:
+                    raise
+        raise Conflict(f"finalizers of Job {name} keep changing")
+
+    def pod_creation_failures(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
+        """The Job controller's FailedCreate events on that Job (e.g. a missing PriorityClass or
+        ServiceAccount): the only place where a pod that cannot be created says why."""
+        selector = f"involvedObject.uid={job_uid},reason=FailedCreate"
+        events = _json(self.core.list_namespaced_event(namespace, field_selector=selector, _preload_content=False))
+        return events.get("items") or []

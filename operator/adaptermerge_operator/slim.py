@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-_META = ("name", "namespace", "labels", "creationTimestamp", "deletionTimestamp")
+_META = ("name", "namespace", "uid", "labels", "creationTimestamp", "deletionTimestamp", "finalizers")
+# Pod conditions status.py reads: why a pod waits for a node, and whether the cluster stopped it.
+_POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 
 
 def _pick(source: Mapping[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -30,7 +32,7 @@ def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": _pick(pod.get("metadata"), _META),
         "status": {
             "phase": status.get("phase"),
-            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"],
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") in _POD_CONDITIONS],
             "containerStatuses": [
                 {"name": c.get("name"), "state": c.get("state") or {}} for c in status.get("containerStatuses") or []
             ],

@@ -85,6 +85,7 @@ for target in "${targets[@]}"; do
   archive=$cache/$target-$key.tar
   if [ -f "$archive" ]; then
     log "$target: cached ($archive)"
+    touch "$archive"  # recently used: kept by the pruning below
   else
     log "$target: building $image"
     start=$SECONDS
@@ -94,8 +95,14 @@ for target in "${targets[@]}"; do
     rm -f "$archive.tmp"
     "${buildah[@]}" push --quiet "$image" "docker-archive:$archive.tmp:$image" >&2
     mv "$archive.tmp" "$archive"
-    # Older archives of this target are superseded (the layers stay in buildah's cache for rebuilds).
-    find "$cache" -maxdepth 1 -name "$target-*.tar" ! -name "$target-$key.tar" -delete
+    # Keep the 2 most recently used archives of this target: other checkouts on this machine (a CI
+    # clone beside a working copy) may be about to import theirs. Older ones go, with their image
+    # tags; the layers they share with newer images stay in buildah's cache.
+    for old in $(ls -t "$cache/$target"-*.tar | tail -n +3); do
+      old_key=${old##*/"$target"-}; old_key=${old_key%.tar}
+      "${buildah[@]}" rmi "localhost/adaptermerge-$target:$old_key" >/dev/null 2>&1 || true
+      rm -f "$old"
+    done
     log "$target: built in $((SECONDS - start)) s, archive $(du -h "$archive" | cut -f1)"
   fi
   results+=("$target $image $archive")

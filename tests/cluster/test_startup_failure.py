@@ -18,7 +18,9 @@ def test_a_crashing_component_fails_start_up_with_its_log_and_stops_the_others(t
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     pid_file = tmp_path / "apiserver.pid"
-    fake_binary(bin_dir / "etcd", "sleep 1; echo 'etcd: cannot listen (fake failure)'; exit 1")
+    # etcd crashes only once the API server runs (a fixed sleep raced the start-up on a loaded machine).
+    fake_binary(bin_dir / "etcd", f"while [ ! -s {pid_file} ]; do sleep 0.05; done; "
+                "echo 'etcd: cannot listen (fake failure)'; exit 1")
     fake_binary(bin_dir / "kube-apiserver", f"echo $$ > {pid_file}; exec sleep 120")
 
     with pytest.raises(StartupError) as failure:

@@ -14,21 +14,9 @@ from evaluation.tiny_lm import CODE, SQL
 from merge_worker.evaluation import completion_loss, encode, evaluate_merge
 from merge_worker.model_loading import load_causal_lm, load_tokenizer
 from merge_worker.spec import SpecError, parse_spec
+from merge_worker.volumes import Volumes
 
 CPU = torch.device("cpu")
-
-
-class FolderVolumes:
-    """Every claim is one folder (the runner passes merge_worker.volumes.Volumes; same resolve())."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def resolve(self, spec, ref, field, *, expect):
-        path = self.root / ref.path
-        if not (path.is_file() if expect == "file" else path.is_dir()):
-            raise SpecError(field, f"{ref.path} is not a {expect}")
-        return path
 
 
 def spec_for(output_format="adapter", quantization="none", min_retention=None, exact=False, max_examples=None):
@@ -59,7 +47,7 @@ def losses_by_hand(store: Path, adapter: str | None, pairs) -> float:
 
 
 def run(store, spec, merged_dir, logs=None):
-    return evaluate_merge(spec, FolderVolumes(store), merged_dir, CPU, (logs if logs is not None else []).append)
+    return evaluate_merge(spec, Volumes({"store": store}), merged_dir, CPU, (logs if logs is not None else []).append)
 
 
 def test_merged_equal_to_one_source_keeps_that_skill_fully(tiny_store, tmp_path):

@@ -1,4 +1,5 @@
-"""Plain float64 definitions of every merge method, written from ../shared/MERGING.md for the tests.
+"""Plain float64 definitions of every merge method, written from docs/merging.md (and, for the mergekit
+conventions, from mergekit's definitions as that page states them) for the tests.
 
 Deliberately naive (dense matrices, full sorts, explicit per-entry rules) and independent of
 merge_worker's implementation: the tests compare the real code against these.

@@ -15,7 +15,8 @@ from merge_worker.methods.sparse_merge import merge_kept, merge_kept_torch
 from merge_worker.spec import METHODS
 from merge_worker.trim import bracketed_kth_largest, keep_count
 from merging import reference
-from merging.conftest import dense_taus
+from merging.conftest import SHAPES, dense_taus
+from merging.test_mergekit_conventions import CASES, case_id, case_inputs, reference_merge
 from merging.test_methods_match_reference import expected, inputs_for, relative_difference, run_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,6 +33,16 @@ def test_every_method_on_cuda_matches_the_float64_reference(method, adapters):
         assert relative_difference(got, expected(method, name, factors, device=CUDA)) < 1e-4, (method, name)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_mergekit_conventions_and_options_on_cuda_match_the_float64_reference(case, adapters):
+    modules, params = case_inputs(case, adapters)
+    merged = dict(merge_modules(iter(modules.items()), params, rank=1000, energy=0.99, device=CUDA))
+    for name, factors in modules.items():
+        got = merged[name].b.double() @ merged[name].a.double()
+        want = reference_merge(params, dense_taus(factors, SHAPES[name]), name, device=CUDA)
+        assert relative_difference(got, want) < 1e-4, (case, name)
+
+
 def test_selection_on_cuda_equals_a_full_sort():
     g = torch.Generator(device=CUDA).manual_seed(5)
     scales = torch.tensor([1e-3, 1.0, 1e3, 1.0], device=CUDA)[:, None]
@@ -44,15 +55,20 @@ def test_selection_on_cuda_equals_a_full_sort():
         assert torch.equal(bracketed_kth_largest(rows, k), want), density
 
 
-@pytest.mark.parametrize("ties", [True, False])
-def test_fused_merge_on_cuda_equals_the_torch_definition(ties):
+@pytest.mark.parametrize(("ties", "normalize", "mergekit"),
+                         [(True, None, False), (False, None, False), (True, False, True), (True, True, True),
+                          (False, True, True)])
+def test_fused_merge_on_cuda_equals_the_torch_definition(ties, normalize, mergekit):
     g = torch.Generator(device=CUDA).manual_seed(7)
     taus = torch.randn(3, 2, 1000, 777, generator=g, device=CUDA)
     taus[:, :, ::5] = 0
+    taus[1, :, ::7] = -taus[0, :, ::7]  # sign sums of exactly 0 where adapter 2 is 0
+    taus[2, :, ::7] = 0
     thresholds = torch.rand(3, 2, generator=g, device=CUDA)
     weights = [0.6, -0.3, 1.1]
-    got = merge_kept(taus.clone(), thresholds, weights, 1.4, ties=ties)
-    want = merge_kept_torch(taus.double(), thresholds.double(), weights, 1.4, ties=ties)
+    options = {"ties": ties, "normalize": normalize, "mergekit": mergekit}
+    got = merge_kept(taus.clone(), thresholds, weights, 1.4, **options)
+    want = merge_kept_torch(taus.double(), thresholds.double(), weights, 1.4, **options)
     assert relative_difference(got.double(), want) < 1e-6
 
 

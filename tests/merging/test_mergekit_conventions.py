@@ -49,10 +49,11 @@ def params_for(method: str, options: dict, n: int) -> MergeParams:
     return MergeParams(method=method, weights=WEIGHTS[:n], **fields)
 
 
-def reference_merge(params: MergeParams, taus: list, key: str) -> torch.Tensor:
+def reference_merge(params: MergeParams, taus: list, key: str, device=torch.device("cpu")) -> torch.Tensor:
+    """The reference merge; `device` is the merge device, where DARE and DELLA draw (docs/merging.md)."""
     return reference.merge(
         params.method, taus, params.weights, density=params.density, lam=params.lambda_, seed=params.seed,
-        key=key, densities=params.densities, gamma=params.gamma, gammas=params.gammas, epsilon=params.epsilon,
+        key=key, device=device, densities=params.densities, gamma=params.gamma, gammas=params.gammas, epsilon=params.epsilon,
         epsilons=params.epsilons, normalize=params.normalize, rescale=params.rescale,
         conventions=params.conventions, select_topk=params.select_topk,
     )
@@ -62,13 +63,17 @@ def case_id(case) -> str:
     return case[0] + "-" + "-".join(f"{k}={v}" for k, v in case[1].items())
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_engine_equals_reference(case, adapters):
+def case_inputs(case, adapters) -> tuple[dict, MergeParams]:
     method, options = case
     modules = {k: v[:2] for k, v in adapters.items()} if method == "nuslerp" else adapters
     n = len(next(iter(modules.values())))
     options = {k: v[:n] if isinstance(v, tuple) else v for k, v in options.items()}
-    params = params_for(method, options, n)
+    return modules, params_for(method, options, n)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_engine_equals_reference(case, adapters):
+    modules, params = case_inputs(case, adapters)
     merged = dict(merge_modules(iter(modules.items()), params, rank=1000, energy=0.99,
                                 device=torch.device("cpu"), dtype=torch.float64))
     for name, factors in modules.items():

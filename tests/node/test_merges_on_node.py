@@ -19,7 +19,7 @@ import yaml
 
 from support.chart_identity import CHART
 from support.control_plane import fresh_namespace, wait_until
-from support.merge_resource import merge_resource
+from support.operator_harness import resource as merge_resource
 from support.real_node import LOCAL_STORAGE_CLASS, NODE_NAME, note, show
 
 pytestmark = pytest.mark.node

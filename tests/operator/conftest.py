@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,3 +104,76 @@ def settings() -> Settings:
         default_tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         default_queue_name="",
     )
+
+
+# -- the operator end to end (cluster tests; the harness is tests/support/operator_harness.py) --------
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "adaptermerge.io_adaptermerges.yaml"
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane):
+    control_plane.kubectl("apply", "-f", str(CRD_FILE))
+    control_plane.kubectl("wait", "--for=condition=Established", "crd/adaptermerges.adaptermerge.io", "--timeout=60s")
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tmp_path_factory) -> Path:
+    """Two PEFT LoRA adapters for a tiny random Llama, made once: <folder>/a and <folder>/b."""
+    from support.tiny_models import make_lora_adapter, make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny-adapters")
+    base = make_tiny_llama(folder / "base")
+    make_lora_adapter(folder / "a", base, r=4, seed=1)
+    make_lora_adapter(folder / "b", base, r=4, seed=2)
+    return folder
+
+
+@pytest.fixture
+def worker_gate(tmp_path, monkeypatch) -> None:
+    from support.operator_harness import GATE
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "sitecustomize.py").write_text(GATE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(gate), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.fixture
+def claims(claims_root, namespace, tiny_adapters, worker_gate):
+    from support.operator_harness import Claims
+
+    return Claims(claims_root, namespace, tiny_adapters)
+
+
+@pytest.fixture
+def operator(control_plane, namespace, crd, test_kubelet, tmp_path):
+    from support.chart_identity import operator_kubeconfig, worker_service_account
+    from support.operator_harness import Operator
+
+    kubeconfig = operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [namespace]})
+    running = Operator(kubeconfig, namespace, worker_service_account(namespace), tmp_path)
+    running.start()
+    yield running
+    running.stop()
+
+
+def build_gitops_tool(tool: str) -> Path:
+    """The folder of a tool scripts/build-gitops-tools.sh builds from Go modules (cached)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build-gitops-tools.sh"
+    done = subprocess.run(["bash", str(script), tool], stdout=subprocess.PIPE, text=True, check=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def kstatus_tool() -> Path:
+    """sigs.k8s.io/cli-utils' kstatus around tests/support/kstatus: <folder>/kstatus."""
+    return build_gitops_tool("kstatus") / "kstatus"
+
+
+@pytest.fixture(scope="session")
+def kueue_tool() -> Path:
+    """The Kueue controller manager and its CRDs: <folder>/kueue, <folder>/crds/."""
+    return build_gitops_tool("kueue")

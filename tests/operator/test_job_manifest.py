@@ -38,7 +38,7 @@ def test_command_mounts_each_claim_and_only_the_output_claim_is_writable(objects
     _, job = render(objects, settings)
     command = worker(job)["command"]
     assert command[:3] == ["adaptermerge", "run", "/etc/adaptermerge/adaptermerge.yaml"]
-    assert command[-4:] == ["--device", "auto", "--result-file", "/dev/termination-log"]
+    assert command[-6:] == ["--owner", "team/dev/uid-1234", "--device", "auto", "--result-file", "/dev/termination-log"]
     volume_args = {command[i + 1] for i, arg in enumerate(command) if arg == "--volume"}
     assert volume_args == {"store=/mnt/claims/store", "other-store=/mnt/claims/other-store"}
 
@@ -116,7 +116,9 @@ def test_job_limits_and_retries(objects, settings):
     _, job = render(objects, settings, spec)
     assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"], job["spec"]["ttlSecondsAfterFinished"]) == (5, 600, 30)
     # Invalid input (2) and low retention (3) do not change on a retry: the Job fails at once.
-    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    # Evictions, preemptions and drains come first and cost no retry.
+    disruption, rule = job["spec"]["podFailurePolicy"]["rules"]
+    assert disruption == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2, 3]
     assert rule["onExitCodes"]["containerName"] == worker(job)["name"] == "worker"
 
@@ -124,6 +126,7 @@ def test_job_limits_and_retries(objects, settings):
 def test_kueue_label_from_the_resource_or_the_default(objects, settings):
     _, job = render(objects, settings)
     assert names.LABEL_QUEUE not in job["metadata"]["labels"]
+    assert job["spec"]["suspend"] is False
 
     with_default = dataclasses.replace(settings, default_queue_name="shared")
     _, job = render(objects, with_default)
@@ -132,6 +135,8 @@ def test_kueue_label_from_the_resource_or_the_default(objects, settings):
     spec = {**objects.SPEC, "job": {"queueName": "team-a"}}
     _, job = render(objects, with_default, spec)
     assert job["metadata"]["labels"][names.LABEL_QUEUE] == "team-a"
+    # Kueue's contract for batch Jobs: created suspended, admitted by unsuspending.
+    assert job["spec"]["suspend"] is True
 
 
 def test_owned_by_the_resource_with_selectable_labels(objects, settings):

@@ -1,195 +1,19 @@
 """The operator end to end: real API server, Job controller and garbage collector, the test kubelet
 running the real worker (`adaptermerge run`), and the operator as a subprocess holding the chart's
-ServiceAccount token (docs/interfaces.md #11), so a missing RBAC rule fails here.
-
-Slow runs without sleeping in product code: a `sitecustomize` the test puts on the worker's
-PYTHONPATH (the test kubelet passes its environment on) holds the worker process at interpreter
-start while a HOLD file exists in one of its claim folders. Releasing it lets the real merge run.
+ServiceAccount token (docs/interfaces.md #11), so a missing RBAC rule fails here. The harness
+(operator, claims, worker gate) is in tests/support/operator_harness.py, its fixtures in conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-from support.control_plane import wait_until as control_plane_wait_until
-from support.merge_resource import merge_resource as resource
+from support.operator_harness import TIMEOUT, apply, get, jobs, phase_is, ready, resource, wait_until
+from support.operator_harness import event_reasons as events_of
 
 pytestmark = pytest.mark.cluster
-
-REPO = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO / "crds" / "adaptermerge.io_adaptermerges.yaml"
-CLI = Path(sys.executable).parent / "adaptermerge"
-HOLD = "HOLD"
-TIMEOUT = 180  # seconds for a real worker run on a busy 2-core machine
-
-GATE = f'''
-import os, time
-_args = [a.decode() for a in open("/proc/self/cmdline", "rb").read().split(b"\\0") if a]
-_holds = [v.split("=", 1)[1] + "/{HOLD}" for k, v in zip(_args, _args[1:]) if k == "--volume" and "=" in v]
-while any(os.path.exists(h) for h in _holds):
-    time.sleep(0.1)
-'''
-
-
-# -- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def crd(control_plane):
-    control_plane.kubectl("apply", "-f", str(CRD_FILE))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/adaptermerges.adaptermerge.io", "--timeout=60s")
-
-
-@pytest.fixture(scope="module")
-def tiny_adapters(tmp_path_factory) -> Path:
-    """Two PEFT LoRA adapters for a tiny random Llama, made once: <folder>/a and <folder>/b."""
-    from support.tiny_models import make_lora_adapter, make_tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny-adapters")
-    base = make_tiny_llama(folder / "base")
-    make_lora_adapter(folder / "a", base, r=4, seed=1)
-    make_lora_adapter(folder / "b", base, r=4, seed=2)
-    return folder
-
-
-@pytest.fixture
-def worker_gate(tmp_path, monkeypatch) -> None:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    (gate / "sitecustomize.py").write_text(GATE)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(gate), os.environ.get("PYTHONPATH")])))
-
-
-class Claims:
-    """Claim folders of one test (the kubelet maps claim X to claims_root/X), named after its namespace."""
-
-    def __init__(self, root: Path, namespace: str, adapters: Path):
-        self.root, self.namespace, self.adapters = root, namespace, adapters
-
-    def make(self, suffix: str = "store", *, hold: bool = False) -> str:
-        name = f"{self.namespace}-{suffix}"
-        for adapter in ("a", "b"):
-            shutil.copytree(self.adapters / adapter, self.root / name / "adapters" / adapter)
-        if hold:
-            (self.root / name / HOLD).touch()
-        return name
-
-    def release(self, claim: str) -> None:
-        (self.root / claim / HOLD).unlink()
-
-    def path(self, claim: str, *parts: str) -> Path:
-        return self.root.joinpath(claim, *parts)
-
-
-@pytest.fixture
-def claims(claims_root, namespace, tiny_adapters, worker_gate) -> Claims:
-    return Claims(claims_root, namespace, tiny_adapters)
-
-
-class Operator:
-    """`adaptermerge operator --standalone -n NS` as a subprocess with the chart's operator identity."""
-
-    def __init__(self, kubeconfig: Path, namespace: str, worker_account: str, logs: Path):
-        self.kubeconfig, self.namespace, self.worker_account, self.logs = kubeconfig, namespace, worker_account, logs
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "ADAPTERMERGE_WORKER_SERVICE_ACCOUNT": self.worker_account,
-               "ADAPTERMERGE_WORKER_IMAGE_PULL_POLICY": "IfNotPresent"}
-        with self.log_file.open("w") as out:
-            self.process = subprocess.Popen(
-                [str(CLI), "operator", "--standalone", "--namespace", self.namespace, "--verbose"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    @property
-    def log_file(self) -> Path:
-        return self.logs / f"operator-{self.starts}.log"
-
-    def log(self) -> str:
-        return "\n".join(
-            f"--- operator run {i} ---\n" + (self.logs / f"operator-{i}.log").read_text(errors="replace")[-6000:]
-            for i in range(1, self.starts + 1)
-        )
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def wait_for_log(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log_file.read_text(errors="replace"):
-            assert self.process.poll() is None, f"operator exited\n{self.log()}"
-            assert time.monotonic() < deadline, f"operator never logged {text!r}\n{self.log()}"
-            time.sleep(0.2)
-
-
-@pytest.fixture
-def operator(control_plane, namespace, crd, test_kubelet, tmp_path):
-    from support.chart_identity import operator_kubeconfig, worker_service_account
-
-    kubeconfig = operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [namespace]})
-    running = Operator(kubeconfig, namespace, worker_service_account(namespace), tmp_path)
-    running.start()
-    yield running
-    running.stop()
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def apply(control_plane, namespace: str, document: dict) -> None:
-    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(document))
-
-
-def get(control_plane, namespace: str, *what: str) -> dict:
-    return control_plane.get_json(*what, namespace=namespace)
-
-
-def jobs(control_plane, namespace: str) -> list[dict]:
-    return get(control_plane, namespace, "jobs")["items"]
-
-
-def wait_until(check, what: str, operator: Operator, control_plane, timeout: float = TIMEOUT):
-    """support.control_plane.wait_until, failing with the operator's and the control plane's logs."""
-    try:
-        return control_plane_wait_until(check, timeout, what, interval=0.5)
-    except TimeoutError as exc:
-        pytest.fail(f"{exc}\n{operator.log()}\n{control_plane.logs()}")
-
-
-def phase_is(control_plane, namespace, name, phase, generation=1):
-    def check():
-        merge = get(control_plane, namespace, "adaptermerge", name)
-        status = merge.get("status") or {}
-        return merge if status.get("phase") == phase and status.get("observedGeneration") == generation else None
-    return check
-
-
-def ready(merge: dict) -> dict:
-    return next(c for c in merge["status"]["conditions"] if c["type"] == "Ready")
-
-
-def events_of(control_plane, namespace: str, name: str) -> list[str]:
-    items = get(control_plane, namespace, "events", "--field-selector", f"involvedObject.name={name}")["items"]
-    return [e["reason"] for e in items]
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -242,12 +66,13 @@ def test_missing_adapter_fails_with_the_worker_message(control_plane, namespace,
 
 def test_spec_the_crd_cannot_check_fails_without_a_job(control_plane, namespace, operator, claims):
     claim = claims.make()
-    spec = resource("dupes", claim)
-    spec["spec"]["adapters"][1]["name"] = "a"  # duplicate adapter names: only the models know
+    spec = resource("both", claim)
+    # Weights per adapter (adapter a has one) and in parameters.weights at once: only the models know.
+    spec["spec"]["parameters"]["weights"] = [0.5, 0.5]
     apply(control_plane, namespace, spec)
 
-    merge = wait_until(phase_is(control_plane, namespace, "dupes", "Failed"), "phase Failed", operator, control_plane, 60)
-    assert ready(merge)["reason"] == "InvalidSpec" and ready(merge)["message"].startswith("spec.adapters[1].name")
+    merge = wait_until(phase_is(control_plane, namespace, "both", "Failed"), "phase Failed", operator, control_plane, 60)
+    assert ready(merge)["reason"] == "InvalidSpec" and ready(merge)["message"].startswith("spec.adapters[0].weight")
     assert jobs(control_plane, namespace) == []
     assert "Traceback" not in operator.log_file.read_text()
 

@@ -64,7 +64,8 @@ def context(api, settings, jobs=(), pods=()):
 
 
 def job_in_index(name, generation):
-    return {"metadata": {"name": name, "labels": {names.LABEL_GENERATION: str(generation)}}, "status": {}}
+    return {"metadata": {"name": name, "labels": {names.LABEL_GENERATION: str(generation)},
+                         "finalizers": [names.FINALIZER]}, "status": {}}
 
 
 def test_creates_the_configmap_before_the_job(objects, settings, events):
@@ -102,7 +103,7 @@ def test_a_same_named_job_of_someone_else_is_never_taken_over(objects, settings,
 def test_no_job_for_an_invalid_spec_or_a_finished_generation(objects, settings, events):
     api = FakeApi()
     invalid = objects.merge({**objects.SPEC, "method": "slerp", "adapters": objects.SPEC["adapters"] * 2})
-    finished = objects.merge(status={"phase": "Succeeded", "observedGeneration": 1})
+    finished = objects.merge(status={"phase": "Succeeded", "observedGeneration": 1, "jobName": "dev-1"})
     for merge in (invalid, finished):
         assert not asyncio.run(reconcile.ensure_job(context(api, settings), merge))
     assert api.calls == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adaptermerge_operator import status
+from adaptermerge_operator import names, status
 
 NOW = "2030-01-01T00:01:00Z"
 EARLIER = "2030-01-01T00:00:30Z"
@@ -173,8 +173,55 @@ def test_kopf_bookkeeping_is_not_the_operators_status(objects):
     assert kept == {"phase": "Running"}
 
 
-def test_is_finished_only_for_the_same_generation(objects):
-    assert status.is_finished({"phase": "Succeeded", "observedGeneration": 2}, 2)
-    assert not status.is_finished({"phase": "Succeeded", "observedGeneration": 1}, 2)
-    assert not status.is_finished({"phase": "Running", "observedGeneration": 2}, 2)
-    assert not status.is_finished(None, 1)
+def test_is_finished_only_for_the_same_run(objects):
+    """A run is (generation, rerun token): its Job's name."""
+    rerun = objects.merge(generation=2)
+    rerun["metadata"]["annotations"] = {names.ANNOTATION_RERUN: "again"}
+    assert names.run_name(objects.merge(generation=2)) == "dev-2" and names.run_name(rerun).startswith("dev-2-")
+    assert status.is_finished({"phase": "Succeeded", "jobName": "dev-2"}, "dev-2")
+    assert status.is_finished({"phase": "Failed", "jobName": "dev-2"}, "dev-2")
+    assert not status.is_finished({"phase": "Succeeded", "jobName": "dev-1"}, "dev-2")
+    assert not status.is_finished({"phase": "Succeeded", "jobName": "dev-2"}, names.run_name(rerun))
+    assert not status.is_finished({"phase": "Running", "jobName": "dev-2"}, "dev-2")
+    assert not status.is_finished(None, "dev-1")
+
+
+def test_kstatus_conditions_follow_the_phase(objects):
+    """Reconciling while a run is under way, Stalled once it failed, Ready once merged (kstatus' rules;
+    tests/operator/test_kstatus_cluster.py asks kstatus itself)."""
+    def truths(result):
+        return {c["type"]: c["status"] for c in result["conditions"]}
+
+    pending = status.desired_status(objects.merge(), [objects.job()], [], NOW)
+    assert truths(pending) == {"Ready": "False", "Reconciling": "True", "Stalled": "False"}
+    failed = objects.job(conditions=[objects.condition("Failed", "BackoffLimitExceeded")])
+    pod = objects.pod(phase="Failed", state=objects.terminated(1, objects.summary(1, "boom")))
+    assert truths(status.desired_status(objects.merge(), [failed], [pod], NOW)) == {
+        "Ready": "False", "Reconciling": "False", "Stalled": "True"}
+    done = objects.job(conditions=[objects.condition("Complete")])
+    assert truths(status.desired_status(objects.merge(), [done], [], NOW)) == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False"}
+
+
+def test_attempts_count_pods_and_never_shrink(objects):
+    """A new pod is a new attempt, also when the one before is gone (an evicted pod is deleted)."""
+    merge = objects.merge()
+    first = objects.pod(name="dev-1-aaaaa", phase="Failed", state=objects.terminated(1, "boom"))
+    failed_job = objects.job(failed=1)
+    merge["status"] = status.desired_status(merge, [failed_job], [first], NOW)
+    assert (merge["status"]["attempt"], merge["status"]["podName"]) == (1, "dev-1-aaaaa")
+    assert merge["status"]["phase"] == "Running", "a failed attempt with a retry to come is not Pending"
+    second = objects.pod(name="dev-1-bbbbb", created="2030-01-01T00:00:20Z", phase="Running")
+    merge["status"] = status.desired_status(merge, [failed_job], [first, second], NOW)
+    assert merge["status"]["attempt"] == 2 and "exit code 1" in ready(merge["status"])["message"]
+    merge["status"] = status.desired_status(merge, [failed_job], [second], NOW)  # the first pod is gone
+    assert merge["status"]["attempt"] == 2
+
+
+def test_a_worker_that_exited_0_is_not_pending_again(objects):
+    merge = objects.merge()
+    running = objects.pod(phase="Running", state={"running": {"startedAt": EARLIER}})
+    merge["status"] = status.desired_status(merge, [objects.job()], [running], NOW)
+    finished = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "merged")))
+    result = status.desired_status(merge, [objects.job()], [finished], NOW)  # the Job is not Complete yet
+    assert result["phase"] == "Running" and "finished" in ready(result)["message"]

@@ -26,6 +26,8 @@ EXPECTED = {
     "retention-below": ("Degraded", "below minRetention"),
     "merge-failed": ("Degraded", "MergeFailed"),
     "invalid-spec": ("Degraded", "spec.adapters[1].path"),
+    "unschedulable": ("Progressing", "Insufficient nvidia.com/gpu"),
+    "job-rejected": ("Degraded", "JobRejected"),
 }
 
 

@@ -14,8 +14,14 @@ How a pod becomes a local process (docs/interfaces.md #7):
 - The process inherits this process's environment (so `adaptermerge` is found on PATH; the venv's
   bin folder is put first) plus the container's env.
 
-Not done: images, resource limits and capacity (advertised on the Node, never enforced), probes,
-init/sidecar containers, more than one container, tolerations (the node has no taints).
+Like a kubelet's status manager it re-sends a pod's status every `status_sync_seconds` when the API
+server's copy differs from what it last reported (someone overwrote it, or a write was lost), not once.
+Like kube-scheduler it leaves a pod unbound, with condition PodScheduled=False (Unschedulable), when
+its nodeSelector does not match the node or it asks for more of a resource than the node has.
+
+Not done: images, resource limits (capacity is checked when binding, never enforced), probes,
+init/sidecar containers, more than one container, tolerations (the node has no taints), volumes'
+existence when binding (a pod with a missing PVC is bound and its folder made).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ FALLBACK_LOG_LINES = 80
 FALLBACK_LOG_BYTES = 2048
 # A deleted pod's process gets SIGTERM, then SIGKILL after its grace period, but at most this long.
 MAX_GRACE_SECONDS = 10
+# The kubelet's status manager checks every 10 s that the API server has the status it reported.
+STATUS_SYNC_SECONDS = 10
 
 log = logging.getLogger("test-kubelet")
 
@@ -78,6 +86,20 @@ def expand_env_references(text: str, env: dict[str, str]) -> str:
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
+def _matches(current: dict, reported: dict) -> bool:
+    """Whether the API server's pod status still says what the kubelet reported (phase, container
+    states and the conditions it owns)."""
+    def containers(status: dict) -> list:
+        return [(c.get("name"), {k: v for k, v in (c.get("state") or {}).items() if v}) for c in status.get("containerStatuses") or []]
+
+    def conditions(status: dict) -> dict:
+        return {c["type"]: c.get("status") for c in status.get("conditions") or []}
+
+    owned = conditions(reported)
+    return (current.get("phase") == reported["phase"] and containers(current) == containers(reported)
+            and {t: s for t, s in conditions(current).items() if t in owned} == owned)
+
+
 def _state(kind: str, **details) -> dict:
     """A container state; the other two kinds are set to null so a strategic merge patch removes them."""
     return {k: (details if k == kind else None) for k in ("waiting", "running", "terminated")}
@@ -94,6 +116,8 @@ class _PodRun:
     grace_seconds: float = 0  # the deletion's grace period, once deleted
     process: subprocess.Popen | None = None
     thread: threading.Thread | None = None
+    reported: dict | None = None  # the last status patch sent, re-sent while the API's copy differs
+    report_lock: threading.Lock = field(default_factory=threading.Lock)  # a re-send never overtakes a report
 
     @property
     def name(self) -> str:
@@ -317,8 +341,29 @@ class _PodRun:
             "conditions": conditions, "containerStatuses": [container_status],
         }}
         self.pod["status"]["startTime"] = patch["status"]["startTime"]
-        self.kubelet.core.patch_namespaced_pod_status(self.name, self.namespace, patch,
-                                                      _preload_content=False)
+        with self.report_lock:
+            self.reported = patch
+            self.kubelet.core.patch_namespaced_pod_status(self.name, self.namespace, patch,
+                                                          _preload_content=False)
+
+    def sync_status(self) -> None:
+        """Re-sends the last reported status if the API server's copy of it differs."""
+        with self.report_lock:
+            if self.reported is not None:
+                self._sync_status(self.reported)
+
+    def _sync_status(self, patch: dict) -> None:
+        try:
+            current = json.loads(self.kubelet.core.read_namespaced_pod_status(
+                self.name, self.namespace, _preload_content=False).data)
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        if current["metadata"]["uid"] != self.pod["metadata"]["uid"] or _matches(current["status"], patch["status"]):
+            return
+        log.info("pod %s/%s: the API server's status differs from the last report; re-sending", self.namespace, self.name)
+        self.kubelet.core.patch_namespaced_pod_status(self.name, self.namespace, patch, _preload_content=False)
 
 
 class TestKubelet:
@@ -328,7 +373,7 @@ class TestKubelet:
 
     def __init__(self, api_client: client.ApiClient, claims_root: Path, workdir: Path, *,
                  node_name: str = NODE_NAME, capacity: dict[str, str] | None = None,
-                 labels: dict[str, str] | None = None):
+                 labels: dict[str, str] | None = None, status_sync_seconds: float = STATUS_SYNC_SECONDS):
         self.core = client.CoreV1Api(api_client)
         self.claims_root = Path(claims_root)
         self.workdir = Path(workdir)
@@ -340,10 +385,13 @@ class TestKubelet:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_pods, name="test-kubelet-watch", daemon=True)
+        self.status_sync_seconds = status_sync_seconds
+        self._syncer = threading.Thread(target=self._sync_statuses, name="test-kubelet-status", daemon=True)
 
     def start(self) -> "TestKubelet":
         self._register_node()
         self._watcher.start()
+        self._syncer.start()
         return self
 
     @property
@@ -357,9 +405,26 @@ class TestKubelet:
         for run in runs:
             run.kill()
         self._watcher.join(10)
+        self._syncer.join(10)
         for run in runs:
             if run.thread:
                 run.thread.join(10)
+
+    def pods_run(self, namespace: str) -> list[str]:
+        """Names of the pods of that namespace this kubelet started (each ran its command once)."""
+        with self._lock:
+            return sorted(r.name for r in self._runs.values() if r.namespace == namespace)
+
+    def _sync_statuses(self) -> None:
+        """The status manager's periodic pass: every pod the kubelet reported on gets its status checked."""
+        while not self._stop.wait(self.status_sync_seconds):
+            with self._lock:
+                runs = list(self._runs.values())
+            for run in runs:
+                try:
+                    run.sync_status()
+                except Exception:  # keep syncing the others; the next pass retries
+                    log.exception("status sync of pod %s/%s", run.namespace, run.name)
 
     def logs(self, namespace: str, pod_name: str) -> str:
         """The output of the pod's command (what `kubectl logs` would show with a real kubelet)."""
@@ -439,11 +504,14 @@ class TestKubelet:
         meta = pod["metadata"]
         selector = pod["spec"].get("nodeSelector") or {}
         mismatched = {k: v for k, v in selector.items() if self.labels.get(k) != v}
-        if mismatched:
+        insufficient = self._insufficient(pod)
+        if mismatched or insufficient:
+            why = (f"1 node(s) didn't match Pod's node affinity/selector {mismatched}" if mismatched
+                   else "1 Insufficient " + ", ".join(insufficient))
             conditions = pod["status"].get("conditions") or []
             if not any(c["type"] == "PodScheduled" for c in conditions):
                 condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                             "message": f"0/1 nodes are available: node selector {mismatched} does not match",
+                             "message": f"0/1 nodes are available: {why}.",
                              "lastTransitionTime": _now()}
                 self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"],
                                                       {"status": {"conditions": [condition]}},
@@ -458,6 +526,18 @@ class TestKubelet:
         except ApiException as error:
             if error.status not in (404, 409):  # deleted meanwhile, or already bound
                 raise
+
+    def _insufficient(self, pod: dict) -> list[str]:
+        """Resources the pod asks for (requests, else limits) beyond the node's allocatable amount.
+        Only whole-unit resources (extended resources such as GPUs, and pods) are compared."""
+        wanted: dict[str, int] = {}
+        for container in pod["spec"].get("containers", []):
+            resources = container.get("resources") or {}
+            for name, value in {**(resources.get("limits") or {}), **(resources.get("requests") or {})}.items():
+                if str(value).isdigit():
+                    wanted[name] = wanted.get(name, 0) + int(value)
+        return [name for name, amount in sorted(wanted.items())
+                if str(self.capacity.get(name, "0")).isdigit() and amount > int(self.capacity.get(name, "0"))]
 
     def _run(self, pod: dict) -> None:
         meta = pod["metadata"]

@@ -71,21 +71,29 @@ messages from, the events it posts, and kopf's namespaced peering objects.
 - apiGroups: [adaptermerge.io]
   resources: [adaptermerges/finalizers]
   verbs: [update]
+# patch: only to remove the operator's finalizer once a deleted Job's verdict is in the status.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, delete, patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, delete]
+# list: the Job controller's FailedCreate events say why a worker pod cannot be created.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
+{{- if and .Values.policy.enabled .Values.policy.claims.matchLabels }}
+# The tenant policy's claim labels: the operator reads each claim a merge uses before its Job.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+{{- end }}
 {{- end -}}
 
 {{/* In cluster-wide mode kopf watches CRDs to learn when the served resource appears or changes. With
