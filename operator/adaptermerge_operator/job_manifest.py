@@ -142,6 +142,10 @@ def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settin
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit), not the kubelet's
         "automountServiceAccountToken": False,  # the worker talks to no API
+        # The pod's pause process is PID 1, not the worker: the kernel drops signals that PID 1 has no
+        # handler for, so a SIGTERM (deadline, delete) arriving before the worker installs its handler
+        # was lost and the merge published its output after its Job had failed (docs/real-node.md).
+        "shareProcessNamespace": True,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": settings.worker_uid,

@@ -3,8 +3,8 @@
 #   containerd + runc                  the container runtime the kubelet talks CRI to;
 #   containernetworking-plugins        the bridge/host-local/loopback CNI plugins (in /usr/lib/cni);
 #   iptables                           kube-proxy's iptables mode (the `kubernetes` Service for in-cluster config);
-#   buildah + mmdebstrap               build the Dockerfile's images without a Docker engine, from a
-#                                      base made locally from Debian packages (no public registry here).
+#   buildah + gcc                      build the pause image (scripts/real-node/build-pause-image.sh;
+#                                      scripts/images/build.sh installs what the project's images need).
 # Idempotent: quick when everything is there. Progress goes to stderr.
 set -euo pipefail
 
@@ -13,11 +13,11 @@ log() { echo "real-node/install-runtime: $*" >&2; }
 # command -> Debian package providing it
 declare -A packages=(
   [containerd]=containerd [runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins
-  [iptables]=iptables [buildah]=buildah [mmdebstrap]=mmdebstrap
+  [iptables]=iptables [buildah]=buildah [gcc]=gcc [/usr/include/stdio.h]=libc6-dev
 )
 missing=()
 for cmd in "${!packages[@]}"; do
-  if [[ $cmd == /* ]]; then [ -x "$cmd" ]; else command -v "$cmd" >/dev/null; fi || missing+=("${packages[$cmd]}")
+  if [[ $cmd == /* ]]; then [ -e "$cmd" ]; else command -v "$cmd" >/dev/null; fi || missing+=("${packages[$cmd]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -7,19 +7,17 @@ with the reason.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from support.control_plane import fresh_namespace
-from support.real_node import running_cluster
+from support.real_node import REPORT, note, running_cluster
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     with running_cluster(tmp_path_factory.mktemp("real-node")) as cluster:
-        print(f"real node: started in {cluster.node.startup_seconds:.0f}s "
-              f"(control plane {cluster.plane.startup_seconds:.0f}s)", file=sys.stderr)
+        note(f"real node: started in {cluster.node.startup_seconds:.0f}s "
+             f"(control plane {cluster.plane.startup_seconds:.0f}s)")
         yield cluster
 
 
@@ -28,3 +26,12 @@ def namespace(cluster):
     """A fresh namespace on the real cluster, ready for pods, deleted afterwards (overrides tests/conftest.py's)."""
     with fresh_namespace(cluster.plane, "node") as name:
         yield name
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Shows, in every run's output, the images (built from the Dockerfile) the node ran and the pods the
+    real kubelet ran them in."""
+    if REPORT:
+        terminalreporter.section("real node: images and pods")
+        for text in REPORT:
+            terminalreporter.write_line(text)

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -20,20 +19,14 @@ import yaml
 
 from support.chart_identity import CHART
 from support.control_plane import fresh_namespace, wait_until
-from support.real_node import LOCAL_STORAGE_CLASS, NODE_NAME
+from support.operator_harness import resource as merge_resource
+from support.real_node import LOCAL_STORAGE_CLASS, NODE_NAME, note, show
 
 pytestmark = pytest.mark.node
 
 RELEASE = "adaptermerge"
 CLAIM = "store"
 MERGE_TIMEOUT = 600  # seconds: the first worker pod starts a multi-GB image on a busy 2-core machine
-
-
-def show(plane, *args: str) -> str:
-    """kubectl output, also printed so the test log shows what ran where."""
-    out = plane.kubectl(*args, check=False)
-    print(f"$ kubectl {' '.join(args)}\n{out.stdout}{out.stderr}", file=sys.stderr)
-    return out.stdout
 
 
 class Release:
@@ -55,16 +48,7 @@ class Release:
         return f"{described}\n--- operator log ---\n{self.operator_log()}\n{self.cluster.node.logs()}"
 
     def apply(self, name: str, **spec) -> None:
-        base = {
-            "volume": {"claimName": CLAIM},
-            "adapters": [{"name": "a", "path": "adapters/a", "weight": 0.7}, {"name": "b", "path": "adapters/b"}],
-            "method": "ties",
-            "parameters": {"density": 0.5},
-            "output": {"path": f"merged/{name}", "rank": 4},
-            "job": {"gpus": 1, "backoffLimit": 0, "activeDeadlineSeconds": 900},
-        }
-        document = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": name},
-                    "spec": {**base, **spec}}
+        document = merge_resource(name, CLAIM, **spec)
         self.plane.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(document))
 
     def merge(self, name: str) -> dict:
@@ -128,7 +112,7 @@ def release(cluster, tmp_path_factory):
             )
         running = Release(cluster, namespace, disk)
         assert installed.returncode == 0, f"helm install failed:\n{installed.stderr}\n{running.diagnostics()}"
-        print(f"real node: helm install --wait took {time.monotonic() - began:.0f}s", file=sys.stderr)
+        note(f"real node: helm install --wait took {time.monotonic() - began:.0f}s")
         show(plane, "get", "pods", "-n", namespace, "-o", "wide")
         try:
             yield running
@@ -143,13 +127,14 @@ def test_the_operator_deployment_runs_as_a_real_pod_on_the_node(release):
     assert pod["spec"]["nodeName"] == NODE_NAME
     [container] = pod["status"]["containerStatuses"]
     assert container["ready"] and "running" in container["state"], container
-    assert container["image"].endswith(release.cluster.images["operator"].reference)
+    operator = release.cluster.images["operator"]
+    assert (container["image"], container["imageID"]) == (operator.reference, operator.image_id), "the image built here"
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["restartCount"] == 0, release.diagnostics()
-    # In-cluster config reaches the API server through the `kubernetes` Service (kube-proxy); the merges
-    # below prove it works, this that nothing failed on the way.
+    # In-cluster config reaches the API server through the `kubernetes` Service (kube-proxy): the merges
+    # below prove it works; here, that nothing failed on the way.
     log = release.operator_log()
-    assert log and "Traceback" not in log, log
+    assert "Traceback" not in log, log
 
 
 def test_a_merge_runs_as_a_real_pod_to_ready_with_output_and_result(release):
@@ -164,7 +149,8 @@ def test_a_merge_runs_as_a_real_pod_to_ready_with_output_and_result(release):
     show(release.plane, "get", "pods", "-n", release.namespace, "-o", "wide")
     assert pod["spec"]["nodeName"] == NODE_NAME and pod["status"]["phase"] == "Succeeded"
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["status"]["containerStatuses"][0]["image"].endswith(release.cluster.images["worker"].reference)
+    worker, [container] = release.cluster.images["worker"], pod["status"]["containerStatuses"]
+    assert (container["image"], container["imageID"]) == (worker.reference, worker.image_id), "the image built here"
     # No GPU on this node: the worker chose the CPU and says so.
     log = release.plane.kubectl("logs", "-n", release.namespace, pod["metadata"]["name"]).stdout
     assert "on cpu" in log, log
@@ -187,12 +173,22 @@ def test_an_invalid_input_fails_with_the_workers_message(release):
 
 
 def test_a_merge_past_its_deadline_is_stopped_by_the_kubelet(release):
-    # Two seconds: the worker image's Python and torch cannot even start in that time here.
-    release.apply("late", job={"gpus": 0, "backoffLimit": 0, "activeDeadlineSeconds": 2})
+    # Two seconds: the Job controller deletes the pod while the worker is still starting; the kubelet
+    # must stop it before it publishes anything.
+    release.apply("late", job={"gpus": 0, "activeDeadlineSeconds": 2})
     merge = release.wait_phase("late", "Failed", timeout=180)
     assert ready(merge)["reason"] == "DeadlineExceeded", ready(merge)
-    wait_until(lambda: not release.job_pods("late") or None, 120, "the Job controller to delete the pod")
-    assert not (release.disk / "merged" / "late").exists()
+    job = release.plane.get_json("job", merge["status"]["jobName"], namespace=release.namespace)
+    seen: list[dict] = []
+
+    def pod_gone():
+        pods = release.job_pods("late")
+        seen.extend(pods)
+        return not pods
+    wait_until(pod_gone, 120, "the Job controller to delete the pod and the kubelet to stop it")
+    timeline = json.dumps({"job": job["status"], "pod": [p["status"] | {"deletionTimestamp": p["metadata"].get(
+        "deletionTimestamp")} for p in seen[-1:]]}, indent=1)
+    assert not (release.disk / "merged" / "late").exists(), f"published after its deadline:\n{timeline}"
 
 
 def test_deleting_a_merge_removes_its_job_pod_and_config_but_keeps_the_output(release):

@@ -7,24 +7,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import sys
 
 import yaml
 import pytest
 
 from support.control_plane import wait_until
-from support.real_node import GPU_COUNT, GPU_RESOURCE, LOCAL_STORAGE_CLASS, NODE_NAME, POD_SUBNET
+from support.real_node import GPU_COUNT, GPU_RESOURCE, LOCAL_STORAGE_CLASS, NODE_NAME, POD_SUBNET, show
 
 pytestmark = pytest.mark.node
 
 POD_TIMEOUT = 180  # seconds: the first start of a multi-GB image on a busy 2-core machine
-
-
-def show(plane, *args: str) -> str:
-    """kubectl output, also printed so the test log shows what ran where."""
-    out = plane.kubectl(*args).stdout
-    print(f"$ kubectl {' '.join(args)}\n{out}", file=sys.stderr)
-    return out
 
 
 def pod(name: str, image: str, script: str, *, gpus: int = 0, volumes: dict[str, str] | None = None) -> dict:
@@ -87,7 +79,7 @@ def test_the_scheduler_places_the_worker_image_which_runs_as_the_worker_user(clu
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
     assert done["spec"]["nodeName"] == NODE_NAME, "bound by the scheduler (the pod named no node)"
     [state] = done["status"]["containerStatuses"]
-    assert (state["image"], state["imageID"]) == (worker.reference, f"sha256:{worker.image_id}"), "the image built here"
+    assert (state["image"], state["imageID"]) == (worker.reference, worker.image_id), "the image built here"
     assert state["state"]["terminated"]["message"] == "10001:10001:/opt/venv"
     assert ipaddress.ip_address(done["status"]["podIP"]) in ipaddress.ip_network(POD_SUBNET), "an address from the CNI bridge"
     scheduled = plane.get_json("events", "--field-selector", "involvedObject.name=hello,reason=Scheduled", namespace=namespace)

@@ -62,6 +62,7 @@ def test_restricted_security_context(objects, settings):
     assert pod["securityContext"]["runAsGroup"] == settings.worker_gid > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
+    assert pod["shareProcessNamespace"] is True  # the worker is not PID 1: an early SIGTERM still stops it
     context = worker(job)["securityContext"]
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}

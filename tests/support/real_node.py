@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ import socket
 import string
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,23 @@ NODE_CONTROLLERS = (
 )
 
 
+# What the node ran, for the test session's summary (tests/node/conftest.py prints it even without -s):
+# the images built from the Dockerfile with their IDs, and `kubectl get pods -o wide` snapshots.
+REPORT: list[str] = []
+
+
+def note(text: str) -> None:
+    REPORT.append(text)
+    print(text, file=sys.stderr)
+
+
+def show(plane: ControlPlane, *args: str) -> str:
+    """kubectl's output, noted for the summary; returns stdout."""
+    done = plane.kubectl(*args, check=False)
+    note(f"$ kubectl {' '.join(args)}\n{done.stdout}{done.stderr}".rstrip())
+    return done.stdout
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ADAPTERMERGE_CACHE", Path.home() / ".cache" / "adaptermerge")) / "real-node"
 
@@ -85,19 +104,26 @@ def host_address() -> str:
     return address
 
 
-def _run_script(name: str, *args: str) -> str:
-    """Runs scripts/real-node/<name> (stderr streams to the test output); returns its stdout."""
-    done = subprocess.run(["bash", str(SCRIPTS / name), *args], stdout=subprocess.PIPE, text=True)
+def _run_script(script: Path, *args: str) -> str:
+    """Runs a script of the repo (its stderr streams to the test output); returns its stdout."""
+    done = subprocess.run(["bash", str(script), *args], stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise StartupError(f"scripts/real-node/{name} failed with exit code {done.returncode} (its stderr is above)")
+        raise StartupError(f"{script.relative_to(REPO)} failed with exit code {done.returncode} (its stderr is above)")
     return done.stdout
 
 
 @dataclass(frozen=True)
 class Image:
-    name: str  # pause, base, operator, worker
-    reference: str  # localhost/adaptermerge-<name>:<tag>
-    image_id: str
+    name: str  # pause, operator, worker
+    reference: str  # localhost/adaptermerge-<name>:<content key>
+    archive: Path  # docker-archive tar
+
+    @functools.cached_property
+    def image_id(self) -> str:
+        """The image's config digest, which containerd reports as the container's imageID."""
+        with tarfile.open(self.archive) as archive:
+            [manifest] = json.load(archive.extractfile("manifest.json"))
+        return "sha256:" + manifest["Config"].removesuffix(".json").removeprefix("sha256:")
 
     @property
     def repository(self) -> str:
@@ -108,13 +134,12 @@ class Image:
         return self.reference.rsplit(":", 1)[1]
 
 
-def build_images(*targets: str) -> dict[str, Image]:
-    """Builds the pause and base images and the given Dockerfile targets (cached; scripts/real-node)."""
-    images = {}
-    for line in _run_script("build-images.sh", *targets).splitlines():
-        name, reference, image_id = line.split()
-        images[name] = Image(name, reference, image_id)
-    return images
+def build_image(target: str) -> Image:
+    """The pause image (scripts/real-node) or a Dockerfile target (scripts/images/build.sh), cached."""
+    script = SCRIPTS / "build-pause-image.sh" if target == "pause" else REPO / "scripts" / "images" / "build.sh"
+    name, reference, archive = _run_script(script, *([] if target == "pause" else [target])).splitlines()[-1].split()
+    assert name == target, f"{script} built {name}, not {target}"
+    return Image(name, reference, Path(archive))
 
 
 def _render(template: str, path: Path, **values) -> Path:
@@ -198,31 +223,37 @@ class RealNode:
         self.processes.append(_start("containerd", ["containerd", "--config", str(config)], self.workdir))
         self._wait("containerd's socket", lambda: self.ctr("version", check=False).returncode == 0, 60)
 
-    def load_images(self, images: dict[str, Image]) -> None:
-        """Imports each image into containerd unless its content-tagged reference is already there (the
+    def load_image(self, image: Image) -> None:
+        """Imports the image into containerd unless its content-keyed reference is already there (the
         root persists, so a rerun imports nothing)."""
-        present = set(self.ctr("images", "list", "--quiet").stdout.decode().split())
-        for image in images.values():
-            self.images[image.name] = image
-            # Shown in the test output: which images, built from the Dockerfile, the node runs.
-            print(f"real node: image {image.name:8} {image.reference}  id sha256:{image.image_id}", file=sys.stderr)
-            if image.name == "base" or image.reference in present:
-                continue
-            began = time.monotonic()
-            # buildah writes a docker-archive to the pipe; ctr reads it from stdin.
-            push = subprocess.Popen(
-                ["nice", "-n", "10", "bash", str(SCRIPTS / "export-image.sh"), image.reference],
-                stdout=subprocess.PIPE,
-            )
-            imported = subprocess.run(
-                ["nice", "-n", "10", "ctr", "--address", str(self.socket), "--namespace", "k8s.io",
-                 "images", "import", "--no-unpack", "-"],
-                stdin=push.stdout, capture_output=True,
-            )
-            push.stdout.close()
-            if push.wait() != 0 or imported.returncode != 0:
-                raise StartupError(f"importing {image.reference} failed:\n{imported.stderr.decode()}")
-            print(f"real node: imported {image.reference} in {time.monotonic() - began:.0f}s", file=sys.stderr)
+        self.images[image.name] = image
+        # Shown in the test output: which images, built from the Dockerfile, the node runs.
+        note(f"real node: image {image.name:8} {image.reference} id {image.image_id} ({image.archive.name})")
+        if image.reference in self.ctr("images", "list", "--quiet").stdout.decode().split():
+            self._prune(image)
+            return
+        began = time.monotonic()
+        imported = subprocess.run(
+            ["nice", "-n", "10", "ctr", "--address", str(self.socket), "--namespace", "k8s.io",
+             "images", "import", str(image.archive)],
+            capture_output=True,
+        )
+        if imported.returncode != 0:
+            raise StartupError(f"importing {image.archive} failed:\n{imported.stderr.decode()}")
+        note(f"real node: imported {image.reference} in {time.monotonic() - began:.0f}s")
+        self._prune(image)
+
+    def _prune(self, current: Image) -> None:
+        """Removes the other versions of the image's repository from the persistent root (a worker
+        version costs GBs twice: content and unpacked snapshot); layers shared with the current version
+        stay. Also the `sha256:<id>` aliases the CRI plugin made for them."""
+        rows = [line.split()[:3] for line in self.ctr("images", "list").stdout.decode().splitlines()[1:]]
+        stale = {ref: digest for ref, _, digest in rows
+                 if ref.rsplit(":", 1)[0] == current.repository and ref != current.reference}
+        kept = {digest for ref, _, digest in rows if ref not in stale and not ref.startswith("sha256:")}
+        aliases = [ref for ref, _, digest in rows if ref.startswith("sha256:") and digest in set(stale.values()) - kept]
+        if stale:
+            self.ctr("images", "remove", "--sync", *stale, *aliases, check=False)
 
     # ---- node components --------------------------------------------------------------------------
 
@@ -319,7 +350,8 @@ class RealNode:
     def start(self) -> "RealNode":
         began = time.monotonic()
         self._start_containerd()
-        self.load_images(dict(self.images))
+        for image in list(self.images.values()):
+            self.load_image(image)
         self._kube_proxy()
         self._kubelet()
         self._scheduler()
@@ -371,7 +403,7 @@ class Cluster:
     def image(self, target: str) -> Image:
         """The Dockerfile's target, built (cached) and loaded into the node on first use."""
         if target not in self.node.images:
-            self.node.load_images(build_images(target))
+            self.node.load_image(build_image(target))
         return self.node.images[target]
 
 
@@ -384,8 +416,10 @@ def running_cluster(workdir: Path, bin_dir: Path | None = None) -> Iterator[Clus
     missing = [b for b in ("kubelet", "kube-scheduler", "kube-proxy") if not (bin_dir / b).exists()]
     if missing:
         raise StartupError(f"{', '.join(missing)} missing in {bin_dir}: run scripts/build-control-plane.sh")
-    _run_script("install-runtime.sh")
-    images = build_images("operator")  # the worker image is built on first use: Cluster.image("worker")
+    _run_script(SCRIPTS / "install-runtime.sh")
+    # The sandbox image must be there before the kubelet starts; the Dockerfile's images are built and
+    # loaded on first use (Cluster.image), so a test needing only the operator never waits for torch.
+    images = {"pause": build_image("pause")}
     # Each component has its own identity, as a real cluster's: the kubelet is system:node:<name> in
     # system:nodes (the Node authorizer and NodeRestriction confine it to its own node and pods); the
     # scheduler and kube-proxy are the users RBAC's default bindings grant their ClusterRoles to.
