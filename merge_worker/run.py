@@ -177,6 +177,9 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     inputs = load_inputs(spec, volumes, owner=owner, spec_file=spec_file)
     torch_device = pick_device(device)
     timings["validate"] = time.monotonic() - started
+    if device == "auto" and torch_device.type == "cpu":
+        # A GPU node without a usable driver (or a GPU request met by a non-GPU node) must be visible.
+        log("no CUDA device is available (torch.cuda.is_available() is False): merging on the CPU")
     log(f"{len(inputs.adapters)} adapters, {len(inputs.plan)} modules, method {spec.method}, "
         f"output {spec.output.format} on {torch_device}")
 

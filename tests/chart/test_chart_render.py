@@ -235,3 +235,9 @@ def test_metrics_can_be_turned_off(render):
     objects = render({"metrics": {"enabled": False}})
     assert "ADAPTERMERGE_METRICS_PORT" not in env(objects)
     assert by_kind(objects, "Service") == [] and "metrics" not in {p["name"] for p in container(objects)["ports"]}
+
+
+def test_kopf_peering_identity_is_the_pod(render):
+    """kopf names a replica in its peering object by POD_ID; without it, a random user@host."""
+    variables = {e["name"]: e for e in container(render())["env"]}
+    assert variables["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"

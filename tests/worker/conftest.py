@@ -69,7 +69,7 @@ def adaptermerge(capsys, tmp_path):
         result_file = tmp_path / f"result-{secrets.token_hex(3)}.json"
         argv = [command, str(path), "--volume", f"store={store}", *extra]
         if command == "run":
-            argv += ["--device", "cpu", "--result-file", str(result_file)]
+            argv += ([] if "--device" in extra else ["--device", "cpu"]) + ["--result-file", str(result_file)]
         capsys.readouterr()
         code = main(argv)
         captured = capsys.readouterr()

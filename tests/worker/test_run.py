@@ -211,3 +211,12 @@ def test_sigterm_mid_merge_leaves_nothing(store, adaptermerge, monkeypatch):
     assert run.code == 1 and "interrupted" in run.err and run.result["reason"] == "MergeFailed"
     assert not (store / "merged").exists() and _no_leftovers(store)
     assert signal.getsignal(signal.SIGTERM) == handler_before
+
+
+@pytest.mark.parametrize("device, says_so", [("auto", True), ("cpu", False)])
+def test_auto_device_says_when_it_falls_back_to_the_cpu(store, adaptermerge, monkeypatch, device, says_so):
+    """A GPU pod without a usable GPU still merges, and its log says why it ran on the CPU."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    run = adaptermerge("run", SPEC, store, "--device", device)
+    assert run.code == 0, run.err
+    assert ("no CUDA device is available" in run.err + run.out) is says_so
