@@ -121,10 +121,12 @@ def test_mixed_batches_score_each_row_with_its_own_adapter(tiny_store, tmp_path)
     code = causal_lm_copy(tiny_store / "adapters" / "code", tmp_path / "code")
     sql = causal_lm_copy(tiny_store / "adapters" / "sql", tmp_path / "sql")
     tokenizer = load_tokenizer(path)
-    scorer = Scorer(load_causal_lm(path, "none", CPU).model, tokenizer, CPU, batch_size=5, max_new_tokens=8)
+    scorer = Scorer(load_causal_lm(path, "none", CPU).model, tokenizer, CPU, batch_size=5, max_new_tokens=8,
+                    mix_adapters=True)
     scorer.attach("code", code)
     scorer.attach("sql", sql)
     assert isinstance(scorer.model, PeftModelForCausalLM)
+    assert scorer._mixed() and not Scorer(scorer.model, tokenizer, CPU)._mixed()  # mixing: CUDA's default only
     pairs = CODE + SQL
     examples = [encode(tokenizer, p, c) for p, c in pairs]
     tasks = [Task("base", examples), Task("code", examples, "code"), Task("sql", examples, "sql")]
