@@ -201,9 +201,10 @@ class Outcome:
 
 
 def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto", print_out: Log = print,
-              tty: bool | None = None) -> Outcome:
+              tty: bool | None = None, search: dict[str, Any] | None = None) -> Outcome:
     """Runs a validated spec. Raises SpecError for bad input (nothing written); other exceptions are
-    failures (nothing left behind either)."""
+    failures (nothing left behind either). `search`: the record of the search that chose this spec's
+    method and parameters (merge_worker.search), kept in the manifest."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     inputs = load_inputs(spec, volumes)
@@ -218,7 +219,7 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     digests = FileDigests(_input_files(inputs))
     try:
         tmp.mkdir()
-        records, evaluation, manifest = _build(inputs, tmp, torch_device, timings, tty, digests)
+        records, evaluation, manifest = _build(inputs, tmp, torch_device, timings, tty, digests, search)
         publish(tmp, output, spec.output.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,7 +251,7 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
 
 
 def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, float], tty: bool | None,
-           digests: FileDigests):
+           digests: FileDigests, search: dict[str, Any] | None = None):
     spec = inputs.spec
     params = merge_params(spec)
     start = time.monotonic()
@@ -274,6 +275,8 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
         device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
         evaluation=evaluation,
     )
+    if search is not None:
+        manifest["search"] = search
     write_manifest(tmp, manifest)
     return records, evaluation, manifest
 
