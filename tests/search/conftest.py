@@ -18,17 +18,20 @@ SQL = [(f"question count {n}", f"select count ( {n} ) from table") for n in NUMB
       [(f"question name {n}", f"select name from table where id = {n}") for n in NUMBERS]
 
 
-@pytest.fixture(scope="session")
-def search_inputs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("search-store")
+def write_search_store(root: Path) -> Path:
+    """models/tiny, adapters/{code,sql} trained on CODE and SQL, eval/{code,sql}.jsonl (also bench/search_speed.py)."""
     make_tiny_llama(root / "models" / "tiny")
     write_jsonl(root / "eval" / "code.jsonl", CODE)
     write_jsonl(root / "eval" / "sql.jsonl", SQL)
-    train_lora(root / "models" / "tiny", CODE, root / "adapters" / "code", rank=4,
-               targets=["q_proj", "v_proj", "up_proj", "down_proj"], steps=80)
-    train_lora(root / "models" / "tiny", SQL, root / "adapters" / "sql", rank=4,
-               targets=["q_proj", "v_proj", "up_proj", "down_proj"], steps=80)
+    for name, pairs in (("code", CODE), ("sql", SQL)):
+        train_lora(root / "models" / "tiny", pairs, root / "adapters" / name, rank=4,
+                   targets=["q_proj", "v_proj", "up_proj", "down_proj"], steps=80)
     return root
+
+
+@pytest.fixture(scope="session")
+def search_inputs(tmp_path_factory) -> Path:
+    return write_search_store(tmp_path_factory.mktemp("search-store"))
 
 
 @pytest.fixture

@@ -109,3 +109,14 @@ def test_bad_search_specs_exit_2_naming_the_field(search_store, adaptermerge, ch
     assert run.code == 2, run.err
     assert f"{field}:" in run.err, run.err
     assert not (search_store / "merged").exists()
+
+
+def test_tpe_strategy_runs_the_budget_and_keeps_the_best(search_store, adaptermerge):
+    pytest.importorskip("optuna")  # optional dependency (docs/search.md)
+    search = {"strategy": "tpe", "trials": 4, "seed": 2,
+              "space": [{"method": "ties", "density": {"min": 0.2, "max": 0.9}},
+                        {"method": "linear", "lambda": {"values": [0.5, 1.0]}}]}
+    run = adaptermerge("run", search_spec(search, method="ties", parameters={"density": 0.5}), search_store)
+    assert run.code == 0, run.err
+    trials = manifest(search_store)["search"]["trials"]
+    assert len(trials) == 4 and run.result["search"]["score"] == max(t["score"] for t in trials)
