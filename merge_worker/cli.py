@@ -152,9 +152,11 @@ def _run_and_report(args: argparse.Namespace) -> int:
         owner = _owner(args.owner)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        from merge_worker.run import run_merge
-
-        outcome = run_merge(spec, volumes, device=args.device, owner=owner, spec_file=args.file)
+        if spec.search is not None:
+            from merge_worker.search.runner import run_search as run
+        else:
+            from merge_worker.run import run_merge as run
+        outcome = run(spec, volumes, device=args.device, owner=owner, spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
         return report(EXIT_INVALID, str(exc), field=exc.field, reason=getattr(exc, "reason", None))

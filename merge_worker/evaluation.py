@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from merge_worker.eval_datasets import read_jsonl
-from merge_worker.spec import AdapterMergeSpec
+from merge_worker.spec import AdapterMergeSpec, SpecError
 
 IGNORE = -100  # label of positions that are not scored (prompt, padding), as transformers uses it
 # Rows generated together on a GPU: at most GENERATION_ROWS, and at most GENERATION_TOKENS tokens of KV
@@ -332,41 +332,62 @@ def _score(scorer: Scorer, datasets: Sequence[Any], examples: dict[str, list[Exa
     return scorer.losses(tasks), (scorer.exact_matches(exact_tasks) if exact_tasks else {})
 
 
-def read_datasets(spec: AdapterMergeSpec, volumes: Any) -> dict[str, list[dict[str, str]]]:
-    """Every evaluation dataset's rows, checked (SpecError naming the field) before any model loads."""
+def read_datasets(spec: AdapterMergeSpec, volumes: Any, part: str = "report") -> dict[str, list[dict[str, str]]]:
+    """Every evaluation dataset's rows, checked (SpecError naming the field) before any model loads.
+    Under spec.search only the rows of `part` (docs/search.md): the search selects on "search", the
+    final evaluation reports on "report"."""
     assert spec.evaluation is not None
     datasets = {}
     for i, d in enumerate(spec.evaluation.datasets):
         field = f"spec.evaluation.datasets[{i}].path"
         datasets[d.name] = read_jsonl(volumes.open_file(spec, d, field), field, d.max_examples)
+        if spec.search is not None:
+            from merge_worker.search.split import split_part
+
+            rows = split_part(datasets[d.name], part, spec.search.seed, spec.search.selection_fraction)
+            if not rows:
+                raise SpecError("spec.search.selectionFraction", f"the {part} split of dataset {d.name} is empty"
+                                f" ({len(datasets[d.name])} examples, fraction {spec.search.selection_fraction})")
+            datasets[d.name] = rows
     return datasets
 
 
-def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, device: torch.device,
-                   log: Callable[[str], None]) -> dict[str, Any]:
+def load_scorer(spec: AdapterMergeSpec, volumes: Any, device: torch.device, log: Callable[[str], None]
+                ) -> tuple[Scorer, Any]:
+    """The base model (quantized as asked) with every evaluation dataset's source adapter attached
+    (source_adapter_name), and its load result (quantization, note)."""
     from merge_worker.model_loading import load_causal_lm, load_tokenizer
 
     assert spec.evaluation is not None and spec.base_model is not None
-    started = time.monotonic()
-    evaluation = spec.evaluation
-    rows = read_datasets(spec, volumes)
     # Views: folders that read exactly the files validation checked (docs/cli.md, reading guarantees).
     base_path = volumes.view_of(spec, spec.base_model, "spec.baseModel.path")
     adapters = {a.name: (i, a) for i, a in enumerate(spec.adapters)}
     sources = {
         d.adapter: volumes.view_of(spec, adapters[d.adapter][1], f"spec.adapters[{adapters[d.adapter][0]}].path")
-        for d in evaluation.datasets
+        for d in spec.evaluation.datasets
     }
-
     tokenizer = load_tokenizer(base_path)
-    examples = {name: [encode(tokenizer, r["prompt"], r["completion"]) for r in rs] for name, rs in rows.items()}
     log(f"evaluation: loading base {spec.base_model.path} (quantization {spec.base_model.quantization}) on {device}")
     loaded = load_causal_lm(base_path, spec.base_model.quantization, device, log)
-    notes = [loaded.note] if loaded.note else []
-    scorer = Scorer(loaded.model, tokenizer, device, batch_size=evaluation.batch_size,
-                    max_new_tokens=evaluation.max_new_tokens)
+    scorer = Scorer(loaded.model, tokenizer, device, batch_size=spec.evaluation.batch_size,
+                    max_new_tokens=spec.evaluation.max_new_tokens)
     for name, path in sources.items():
         scorer.attach(source_adapter_name(name), path)
+    return scorer, loaded
+
+
+def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, device: torch.device,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    from merge_worker.model_loading import load_causal_lm
+
+    assert spec.evaluation is not None and spec.base_model is not None
+    started = time.monotonic()
+    evaluation = spec.evaluation
+    rows = read_datasets(spec, volumes)
+    scorer, loaded = load_scorer(spec, volumes, device, log)
+    tokenizer = scorer.tokenizer
+    examples = {name: [encode(tokenizer, r["prompt"], r["completion"]) for r in rs] for name, rs in rows.items()}
+    notes = [loaded.note] if loaded.note else []
 
     merged_adapter: str | None = None
     quantization = loaded.quantization

@@ -230,6 +230,87 @@ class Evaluation(_Model):
     """Longest greedy completion generated for exact match."""
 
 
+# -- search (docs/search.md): many candidate merges scored on a split of the evaluation datasets -----
+
+SearchStrategy = Literal["grid", "random", "tpe"]
+SearchObjective = Literal["worst", "mean"]
+# Which methods read each searchable parameter (lambda and weights: every method).
+SEARCH_PARAMETER_METHODS: dict[str, tuple[str, ...]] = {
+    "density": PER_ADAPTER_DENSITY_METHODS,
+    "t": ("slerp", "nuslerp"),
+}
+
+
+class SearchValues(_Model):
+    """Values one parameter takes in the search: a list of `values`, or a range `min`..`max` (random and
+    tpe draw from it; grid takes `steps` evenly spaced values)."""
+
+    values: list[float] | None = Field(default=None, min_length=1, max_length=MAX_LIST_ITEMS)
+    """The values to try."""
+    min: float | None = None
+    """Lower end of the range."""
+    max: float | None = None
+    """Upper end of the range."""
+    steps: int = Field(default=3, ge=1, le=MAX_LIST_ITEMS)
+    """How many evenly spaced values of the range grid search tries."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SearchValues:
+        ranged = self.min is not None or self.max is not None
+        if (self.values is None) == (not ranged):
+            raise ValueError("give either values or min and max")
+        if ranged and (self.min is None or self.max is None):
+            raise ValueError("a range needs both min and max")
+        numbers = self.values if self.values is not None else [self.min, self.max]
+        if not all(math.isfinite(v) for v in numbers):
+            raise ValueError("must be finite numbers")
+        if ranged and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        values = self.values if self.values is not None else [self.min, self.max]
+        return min(values), max(values)
+
+
+class SearchMethod(_Model):
+    """One method of the search space and the values of its parameters; an unset parameter keeps
+    spec.parameters' value (or the adapters' own weights)."""
+
+    method: Method
+    """Merge method (docs/merging.md)."""
+    density: SearchValues | None = None
+    """Fraction of each task vector kept, in (0, 1]."""
+    lambda_: SearchValues | None = Field(default=None, alias="lambda")
+    """Scale applied to the merged task vector."""
+    t: SearchValues | None = None
+    """Interpolation factor of slerp and nuslerp, in [0, 1]."""
+    weights: SearchValues | None = None
+    """Each adapter's weight, drawn from these values independently of the others."""
+
+
+class Search(_Model):
+    """Search for the merge that keeps the skills best instead of running one (docs/search.md)."""
+
+    space: list[SearchMethod] = Field(min_length=1, max_length=len(METHODS))
+    """The methods to try, each with the values of its parameters."""
+    strategy: SearchStrategy = "random"
+    """grid: every combination in order; random: uniform draws; tpe: Optuna's TPE sampler."""
+    trials: int = Field(default=20, ge=1, le=10000)
+    """Most candidates scored."""
+    seconds: float | None = Field(default=None, gt=0)
+    """Stop starting new trials after this many seconds; unset: no time limit."""
+    objective: SearchObjective = "worst"
+    """worst: the lowest retention across datasets; mean: their weighted mean (datasetWeights)."""
+    dataset_weights: dict[str, float] | None = None
+    """Weight of each evaluation dataset in the mean objective (default 1 each)."""
+    seed: int = Field(default=0, ge=0)
+    """Seed of the sampler and of the selection split."""
+    selection_fraction: float = Field(default=0.5, gt=0, lt=1)
+    """Share of each evaluation dataset's examples the search selects on; the rest is the report split
+    the final evaluation scores (docs/search.md)."""
+
+
 class AdapterMergeSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -253,6 +334,7 @@ class AdapterMergeSpec(_Model):
                 "has(self.volume) || (has(self.output.claimName) && self.adapters.all(a, has(a.claimName)))",
                 "every path needs a claimName, or set spec.volume",
             ),
+            ("!has(self.search) || has(self.evaluation)", "search needs spec.evaluation to score candidates"),
         )
     )
 
@@ -283,6 +365,8 @@ class AdapterMergeSpec(_Model):
     """Merge adapters whose adapter_config.json name different base models anyway."""
     job: Job = Field(default_factory=Job)
     """Settings of the Kubernetes Job that runs the merge (ignored by the local CLI)."""
+    search: Search | None = None
+    """Try many methods and parameters and write the best (docs/search.md); unset: merge once."""
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterMergeSpec:
@@ -333,6 +417,10 @@ class AdapterMergeSpec(_Model):
                 raise _FieldError("baseModel", "evaluation needs a base model")
         if self.output.format == "merged-model" and self.base_model is None:
             raise _FieldError("baseModel", "output format merged-model needs a base model")
+        if self.search is not None:
+            from merge_worker.search.validation import check_search
+
+            check_search(self, _FieldError)
         return self
 
     def _check_method_options(self) -> None:

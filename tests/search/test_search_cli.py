@@ -1,0 +1,128 @@
+"""`adaptermerge run` with spec.search on the tiny models: the better candidate wins, the output equals
+a plain merge of it, the final evaluation only sees the report split, the budget holds, bad search specs
+exit 2 naming the field with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from search.conftest import CODE, SQL, search_spec
+
+from merge_worker.search.split import split_part
+
+
+def manifest(store: Path) -> dict:
+    return json.loads((store / "merged" / "out" / "merge-manifest.json").read_text())
+
+
+def test_search_picks_the_clearly_better_candidate_and_writes_it_like_a_plain_merge(
+        search_store, adaptermerge, tmp_path):
+    # lambda 0 merges nothing (retention 0 everywhere); lambda 1 keeps part of both skills.
+    search = {"strategy": "grid", "space": [{"method": "linear", "lambda": {"values": [0.0, 1.0]}}]}
+    run = adaptermerge("run", search_spec(search, parameters={"lambda": 0.0}), search_store)
+    assert run.code == 0, run.err
+    assert run.result["search"] == {"best": {"method": "linear", "parameters": {"lambda": 1.0}},
+                                    "score": pytest.approx(run.result["search"]["score"]), "trials": 3}
+    record = manifest(search_store)["search"]
+    others = [t["score"] for t in record["trials"] if t["parameters"] != {"lambda": 1.0}]
+    assert run.result["search"]["score"] > max(others) + 0.1
+    assert [t["parameters"] for t in record["trials"]] == [{}, {"lambda": 0.0}, {"lambda": 1.0}]
+    assert all(set(t) >= {"retention", "score", "seconds", "method"} for t in record["trials"])
+    assert record["trials"][0]["score"] == pytest.approx(0.0, abs=1e-4)  # the spec's own lambda 0
+    assert manifest(search_store)["parameters"]["lambda"] == 1.0
+    assert "search: trial 3 of 3" in run.err and "best so far" in run.err
+
+    # The same merge run plainly writes the same tensors.
+    plain = tmp_path / "plain-store"
+    import shutil
+    shutil.copytree(search_store, plain)
+    shutil.rmtree(plain / "merged")
+    assert adaptermerge("run", search_spec(None, parameters={"lambda": 1.0}), plain).code == 0
+    ours = load_file(search_store / "merged" / "out" / "adapter_model.safetensors")
+    theirs = load_file(plain / "merged" / "out" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_final_report_scores_only_the_report_split(search_store, adaptermerge):
+    search = {"strategy": "random", "trials": 2, "seed": 4, "selectionFraction": 0.5,
+              "space": [{"method": "linear", "weights": {"min": 0.5, "max": 1.5}}]}
+    run = adaptermerge("run", search_spec(search), search_store)
+    assert run.code == 0, run.err
+    m = manifest(search_store)
+    for name, pairs in (("code", CODE), ("sql", SQL)):
+        rows = [{"prompt": p, "completion": c} for p, c in pairs]
+        report, chosen = split_part(rows, "report", 4, 0.5), split_part(rows, "search", 4, 0.5)
+        assert report and chosen
+        assert m["evaluation"]["datasets"][name]["examples"] == len(report)
+        assert m["search"]["split"][name] == {"search": len(chosen), "report": len(report)}
+    assert len(m["search"]["trials"]) == 2
+    best = m["search"]["best"]
+    assert max(t["score"] for t in m["search"]["trials"]) == best["score"]
+    assert m["parameters"].get("weights") == best["parameters"].get("weights")
+
+
+@pytest.mark.parametrize("budget,expected", [({"trials": 3}, 3), ({"trials": 50, "seconds": 0.001}, 1)])
+def test_budget_is_respected(search_store, adaptermerge, budget, expected):
+    search = {"strategy": "random", **budget,
+              "space": [{"method": "ties", "density": {"min": 0.2, "max": 0.9}}]}
+    run = adaptermerge("run", search_spec(search, method="ties", parameters={"density": 0.5}), search_store)
+    assert run.code == 0, run.err
+    assert len(manifest(search_store)["search"]["trials"]) == expected == run.result["search"]["trials"]
+
+
+def test_grid_is_capped_by_the_trials_budget(search_store, adaptermerge):
+    search = {"strategy": "grid", "trials": 2, "space": [
+        {"method": "ties", "density": {"min": 0.2, "max": 0.8, "steps": 4}}]}
+    run = adaptermerge("run", search_spec(search, method="ties", parameters={"density": 0.5}), search_store)
+    assert run.code == 0, run.err
+    assert [t["parameters"] for t in manifest(search_store)["search"]["trials"]] == [{}, {"density": 0.2}]
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda s: s.pop("evaluation"), "spec.search"),
+    (lambda s: s["search"]["space"][0].update(density={"values": [0.5]}), "spec.search.space[0].density"),
+    (lambda s: s["search"]["space"][0].update(lambda_={"values": [1.0], "min": 0, "max": 1}), "spec.search.space[0].lambda"),
+    (lambda s: s["search"]["space"].append({"method": "ties", "density": {"min": 0.0, "max": 0.5}}),
+     "spec.search.space[1].density"),
+    (lambda s: s["search"]["space"].append({"method": "slerp", "t": {"min": 0.5, "max": 1.5}}),
+     "spec.search.space[1].t"),
+    (lambda s: s["search"]["space"].append({"method": "della", "density": {"values": [0.1, 0.5]}}),
+     "spec.search.space[1]"),
+    (lambda s: s["search"]["space"].append({"method": "ties"}), "spec.search.space[1]"),
+    (lambda s: s["search"].update(objective="mean", datasetWeights={"nope": 1.0}), "spec.search.datasetWeights.nope"),
+    (lambda s: s["search"].update(datasetWeights={"code": 1.0}), "spec.search.datasetWeights"),
+    (lambda s: s["search"].update(strategy="anneal"), "spec.search.strategy"),
+    (lambda s: s["search"].update(trials=0), "spec.search.trials"),
+    (lambda s: s["search"].update(selectionFraction=1.0), "spec.search.selectionFraction"),
+    (lambda s: s["search"].update(selectionFraction=0.0001), "spec.search.selectionFraction"),
+    (lambda s: s["output"].update(format="merged-model"), "spec.search"),
+])
+def test_bad_search_specs_exit_2_naming_the_field(search_store, adaptermerge, change, field):
+    spec = search_spec({"space": [{"method": "linear", "lambda": {"values": [1.0]}}]})
+    change(spec)
+    if "lambda_" in spec.get("search", {}).get("space", [{}])[0]:
+        spec["search"]["space"][0]["lambda"] = spec["search"]["space"][0].pop("lambda_")
+    run = adaptermerge("run", spec, search_store)
+    assert run.code == 2, run.err
+    assert f"{field}:" in run.err, run.err
+    assert not (search_store / "merged").exists()
+
+
+def test_tpe_strategy_runs_the_budget_and_keeps_the_best(search_store, adaptermerge):
+    """tpe needs the optional optuna (docs/search.md): without it the spec is invalid input, named."""
+    import importlib.util
+
+    search = {"strategy": "tpe", "trials": 4, "seed": 2,
+              "space": [{"method": "ties", "density": {"min": 0.2, "max": 0.9}},
+                        {"method": "linear", "lambda": {"values": [0.5, 1.0]}}]}
+    run = adaptermerge("run", search_spec(search, method="ties", parameters={"density": 0.5}), search_store)
+    if importlib.util.find_spec("optuna") is None:
+        assert run.code == 2 and "spec.search.strategy: tpe needs the optuna package" in run.err, run.err
+        assert not (search_store / "merged").exists()
+        return
+    assert run.code == 0, run.err
+    trials = manifest(search_store)["search"]["trials"]
+    assert len(trials) == 4 and run.result["search"]["score"] == max(t["score"] for t in trials)
