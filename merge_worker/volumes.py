@@ -54,16 +54,16 @@ class Volumes:
 
     def open_folder(self, spec: AdapterMergeSpec, ref: PathRef, field: str) -> InputFolder:
         """The input folder `ref` names, opened beneath its volume; SpecError naming `field` otherwise."""
-        volume, path, where = self._locate(spec, ref, field)
-        try:
-            return volume.open_folder(ref.path, path)
-        except PathRefused as exc:
-            raise SpecError(field, f"{where} {exc} ({path})") from None
+        return self._open(spec, ref, field, folder=True)
 
     def open_file(self, spec: AdapterMergeSpec, ref: PathRef, field: str) -> InputFile:
+        """The input file `ref` names, opened beneath its volume; SpecError naming `field` otherwise."""
+        return self._open(spec, ref, field, folder=False)
+
+    def _open(self, spec: AdapterMergeSpec, ref: PathRef, field: str, *, folder: bool):
         volume, path, where = self._locate(spec, ref, field)
         try:
-            return volume.open_file(ref.path, path)
+            return (volume.open_folder if folder else volume.open_file)(ref.path, path)
         except PathRefused as exc:
             raise SpecError(field, f"{where} {exc} ({path})") from None
 

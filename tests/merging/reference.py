@@ -37,17 +37,6 @@ def linear(taus, weights, lam):
     return lam * sum(w * t for w, t in zip(weights, taus))
 
 
-def disjoint_mean(us, weights, lam):
-    gamma = torch.sign(sum(us))
-    num = torch.zeros_like(us[0])
-    den = torch.zeros_like(us[0])
-    for u, w in zip(us, weights):
-        kept = (u != 0) & (torch.sign(u) == gamma)
-        num = num + torch.where(kept, u, 0.0)
-        den = den + kept.to(torch.float64) * w
-    return torch.where(den != 0, lam * num / torch.where(den != 0, den, 1.0), 0.0)
-
-
 def slerp(a, b, t, lam):
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
