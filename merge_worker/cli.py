@@ -5,7 +5,7 @@ Imports stay light at module level (pydantic, PyYAML): the operator image has no
 `operator` must work there. The worker (torch) is imported only by `run`; `validate` reads the inputs
 with numpy and never imports torch.
 
-Exit codes (../shared/API.md): 0 done; 2 invalid input (the message names the field or path, nothing is
+Exit codes (docs/cli.md): 0 done; 2 invalid input (the message names the field or path, nothing is
 written); 3 merge written but evaluation below minRetention; 1 anything else.
 """
 

@@ -1,7 +1,7 @@
 """The AdapterMerge resource as pydantic models: the one definition the CLI, the worker, the operator
 and the generated CRD (crds/) all share. Pure pydantic: importing this never imports torch.
 
-Field names are the camelCase names of ../shared/API.md (Python attributes are snake_case); unknown
+Field names are the camelCase names of docs/cli.md and docs/operator.md (Python attributes are snake_case); unknown
 fields are errors, so a typo like `spec.methd` is named instead of silently ignored.
 """
 
