@@ -153,8 +153,12 @@ def _run_and_report(args: argparse.Namespace) -> int:
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
         from merge_worker.run import run_merge
+        from merge_worker.storage.staging import staged
 
-        outcome = run_merge(spec, volumes, device=args.device, owner=owner, spec_file=args.file)
+        with staged(spec, volumes) as stage:  # s3:// sources downloaded, an s3:// output pushed
+            outcome = run_merge(stage.spec, stage.volumes, device=args.device, owner=owner, spec_file=args.file,
+                                provenance=stage.provenance)
+            stage.publish(outcome)
     except SpecError as exc:
         _error(str(exc))
         return report(EXIT_INVALID, str(exc), field=exc.field, reason=getattr(exc, "reason", None))
@@ -189,7 +193,10 @@ def _validate(args: argparse.Namespace) -> int:
             check_result_file(args.result_file)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        inputs = load_inputs(spec, volumes, owner=_owner(args.owner), spec_file=args.file)
+        from merge_worker.storage.staging import staged
+
+        with staged(spec, volumes) as stage:  # s3:// sources are downloaded to a scratch folder and checked
+            inputs = load_inputs(stage.spec, stage.volumes, owner=_owner(args.owner), spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
         return EXIT_INVALID
