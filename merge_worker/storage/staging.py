@@ -2,8 +2,8 @@
 worker a spec whose URIs are paths on a scratch claim (so every reader and its path rules apply
 unchanged), and pushes the output when the spec's output is a URI.
 
-Order: the destination is checked first (overwrite), then the sources are listed and their total size
-checked against spec.storage.maxDownloadBytes, then downloaded. Any failure before the merge is exit 2
+Order: the sources are listed and their total size checked against spec.storage.maxDownloadBytes, the
+destination is checked (overwrite), then the sources are downloaded. Any failure before the merge is exit 2
 naming the `uri` field; the scratch folder is removed whatever happens.
 """
 
@@ -70,12 +70,6 @@ def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
     try:
         replacements: dict[int, PathRef] = {}
         sources, uri_fields, output_uri = [], {}, None
-        if spec.output.uri is not None:
-            output_uri = spec.output.uri
-            check_destination(client, output_uri, spec.output.overwrite)
-            name = output_uri.rstrip("/").rsplit("/", 1)[-1] or "output"
-            replacements[id(spec.output)] = _on_scratch(spec.output, f"output/{name}")
-            uri_fields["spec.output.path"] = "spec.output.uri"
         listed = []
         budget = Budget(storage.max_download_bytes)
         for where, ref in remote:
@@ -84,6 +78,12 @@ def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
             is_folder, objects = list_source(client, ref.uri, f"spec.{where}.uri")
             budget.take(sum(o.size for o in objects), f"spec.{where}.uri", ref.uri)
             listed.append((where, ref, is_folder, objects))
+        if spec.output.uri is not None:
+            output_uri = spec.output.uri
+            check_destination(client, output_uri, spec.output.overwrite)
+            name = output_uri.rstrip("/").rsplit("/", 1)[-1] or "output"
+            replacements[id(spec.output)] = _on_scratch(spec.output, f"output/{name}")
+            uri_fields["spec.output.path"] = "spec.output.uri"
         for where, ref, is_folder, objects in listed:
             folder = f"inputs/{re.sub(r'[^A-Za-z0-9]+', '-', where).strip('-')}"
             local = folder if is_folder else f"{folder}/{objects[0].key.rsplit('/', 1)[-1]}"

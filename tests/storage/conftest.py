@@ -25,10 +25,10 @@ def tiny_store(tmp_path_factory):
 
 
 @pytest.fixture
-def bucket(s3_server, request):
-    """A fresh bucket holding adapters/a and adapters/b of tiny_store."""
-    import re
+def bucket(s3_server):
+    """A fresh, empty bucket."""
+    import secrets
 
-    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + "-b"
+    name = "test-" + secrets.token_hex(6)
     s3_server.client().create_bucket(Bucket=name)
     return name
