@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 
-def _cli(tmp_path: Path, spec: dict, env: dict[str, str], command: str = "run") -> tuple[int, str, dict | None]:
+def _cli(tmp_path: Path, spec: dict, env: dict[str, str], command: str = "run",
+         extra: tuple[str, ...] = ()) -> tuple[int, str, dict | None]:
     doc = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "s3"},
            "spec": spec}
     spec_file = tmp_path / "merge.yaml"
@@ -23,6 +24,7 @@ def _cli(tmp_path: Path, spec: dict, env: dict[str, str], command: str = "run") 
     args = [sys.executable, "-m", "merge_worker.cli", command, str(spec_file), "--result-file", str(result_file)]
     if command == "run":
         args += ["--device", "cpu"]
+    args += extra
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=clean | env)
     result = json.loads(result_file.read_text()) if result_file.exists() else None
@@ -83,16 +85,10 @@ def test_bucket_adapters_to_a_volume(s3_server, bucket, tiny_store, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     spec = _spec(s3_server, bucket, {"path": "merged", "claimName": "out"})
-    doc = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "s3"},
-           "spec": spec}
-    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(doc))
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     scratch = tmp_path / "scratch"  # TMPDIR: where the downloads are staged
     scratch.mkdir()
-    done = subprocess.run([sys.executable, "-m", "merge_worker.cli", "run", str(tmp_path / "merge.yaml"),
-                           "--volume", f"out={out}", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300, env=clean | s3_server.env(TMPDIR=str(scratch)))
-    assert done.returncode == 0, done.stderr
+    code, log, _ = _cli(tmp_path, spec, s3_server.env(TMPDIR=str(scratch)), extra=("--volume", f"out={out}"))
+    assert code == 0, log
     manifest = json.loads((out / "merged" / "merge-manifest.json").read_text())
     assert [s["uri"] for s in manifest["sources"]] == [f"s3://{bucket}/adapters/a", f"s3://{bucket}/adapters/b"]
     assert manifest["inputs"][0]["files"]["adapter_model.safetensors"] == (
