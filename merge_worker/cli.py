@@ -201,7 +201,7 @@ def _validate(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_INVALID
     print(f"{args.file}: valid: {len(inputs.adapters)} adapters, {len(inputs.plan)} modules, "
-          f"method {spec.method}, output {spec.output.format} at {inputs.output_path}")
+          f"method {spec.method}, output {spec.output.format} at {spec.output.uri or inputs.output_path}")
     return EXIT_OK
 
 

@@ -2,8 +2,10 @@
 
 Every object is checked: its key below the prefix must be a plain relative path (no '..', no empty or
 absolute part) so it lands under the scratch folder and nowhere else; the bytes received must equal the
-listed size; a single-part ETag (the object's MD5) must match. A broken stream is retried from the start
-with If-Match on the ETag, so a retry never mixes two versions of an object. The sha256 of every file is
+listed size; a single-part ETag (the object's MD5) must match, and so must a stored CRC the server
+sends (botocore checks it). A mismatch is fetched again before the object is called damaged. A broken
+stream is retried from the start with If-Match on the ETag, so a retry never mixes two versions of an
+object. The sha256 of every file is
 returned for the manifest.
 """
 
@@ -89,8 +91,12 @@ def download(client: Any, uri: str, obj: RemoteObject, target: Path, scratch: Pa
             bad_input = storage_error(exc, field, uri)
             if bad_input is not None:
                 raise bad_input from None
-            if attempt == STREAM_ATTEMPTS or not _transient(exc):
-                raise
+            if attempt < STREAM_ATTEMPTS and (_transient(exc) or _corrupt(exc)):
+                continue
+            if _corrupt(exc):  # the same every time: the stored object is damaged, not the transfer
+                raise SpecError(field, f"{uri}: object {obj.key!r} does not match its ETag or checksum "
+                                       f"({STREAM_ATTEMPTS} attempts)") from None
+            raise
     return {"key": obj.key, "size": obj.size, "etag": obj.etag, "sha256": sha256}
 
 
@@ -113,8 +119,19 @@ def _fetch(client: Any, bucket: str, obj: RemoteObject, target: Path, field: str
         raise SpecError(field, f"{uri}: object {obj.key!r} sent {received} bytes, listed as {obj.size}")
     # A multipart ETag ("<md5 of md5s>-<parts>") is not the content's MD5 and cannot be checked here.
     if "-" not in obj.etag and len(obj.etag) == 32 and md5.hexdigest() != obj.etag:
-        raise SpecError(field, f"{uri}: object {obj.key!r} does not match its ETag (corrupted in transfer)")
+        raise _Mismatch(obj.key)
     return sha256.hexdigest()
+
+
+class _Mismatch(Exception):
+    """The bytes received do not hash to the object's single-part ETag."""
+
+
+def _corrupt(exc: BaseException) -> bool:
+    # botocore checks a stored CRC itself when the server sends one (FlexibleChecksumError).
+    from botocore.exceptions import FlexibleChecksumError
+
+    return isinstance(exc, (_Mismatch, FlexibleChecksumError))
 
 
 def _transient(exc: BaseException) -> bool:

@@ -130,3 +130,35 @@ def test_download_bound(s3_server, bucket, tiny_store, tmp_path):
     code, log, result = _cli(tmp_path, spec, s3_server.env(), command="validate")
     assert code == 2 and "spec.adapters[0].uri" in log and "maxDownloadBytes" in log, log
     assert result is None  # validate writes no result file
+    spec["storage"]["maxDownloadBytes"] = 1 << 30
+    code, log, result = _cli(tmp_path, spec, s3_server.env(), command="validate")
+    assert code == 0 and f"output adapter at s3://{bucket}/merged" in log, log
+
+
+def test_base_model_from_bucket_into_a_merged_model(s3_server, bucket, tiny_store, tmp_path):
+    s3_server.upload_folder(tiny_store / "adapters", bucket, "adapters")
+    s3_server.upload_folder(tiny_store / "models" / "tiny", bucket, "models/tiny")
+    spec = _spec(s3_server, bucket, {"uri": f"s3://{bucket}/merged/full", "format": "merged-model"},
+                 baseModel={"uri": f"s3://{bucket}/models/tiny"})
+    del spec["output"]["rank"]
+    code, log, result = _cli(tmp_path, spec, s3_server.env())
+    assert code == 0, log
+    objects = _objects(s3_server, bucket, "merged/full/")
+    assert "merged/full/config.json" in objects
+    manifest = json.loads(objects["merged/full/merge-manifest.json"])
+    base = next(s for s in manifest["sources"] if s["field"] == "spec.baseModel")
+    assert base["uri"] == f"s3://{bucket}/models/tiny" and "config.json" in base["files"]
+
+
+def test_an_object_that_does_not_match_its_etag_is_refused(s3_server, bucket, tiny_store, tmp_path):
+    s3_server.upload_folder(tiny_store / "adapters", bucket, "adapters")
+    # Same size, other bytes, written behind the server's back: its stored ETag no longer matches.
+    stored = s3_server.data / bucket / "adapters" / "b" / "adapter_model.safetensors"
+    content = bytearray(stored.read_bytes())
+    content[-1] ^= 0xFF
+    stored.write_bytes(bytes(content))
+    code, log, result = _cli(tmp_path, _spec(s3_server, bucket, {"uri": f"s3://{bucket}/merged"}),
+                             s3_server.env())
+    assert code == 2 and result["field"] == "spec.adapters[1].uri", log
+    assert "ETag" in result["message"]
+    assert _objects(s3_server, bucket, "merged") == {}

@@ -30,6 +30,7 @@ class S3Server:
     endpoint: str
     access_key: str
     secret_key: str
+    data: Path  # the posix backend's folder: <data>/<bucket>/<key> is the object's content
     region: str = "us-east-1"
 
     def env(self, **overrides: str) -> dict[str, str]:
@@ -64,7 +65,8 @@ def running_s3_server(folder: Path, *, startup_timeout: float = 30.0) -> Iterato
     (folder / "meta").mkdir()
     port = _free_port()
     # Random per run: the tests grep logs and outputs for exactly these strings.
-    server = S3Server(f"http://127.0.0.1:{port}", "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30))
+    server = S3Server(f"http://127.0.0.1:{port}", "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30),
+                      data)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [str(server_binary()), "--port", f"127.0.0.1:{port}", "--health", "/healthz", "posix",
