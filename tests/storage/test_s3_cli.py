@@ -162,3 +162,22 @@ def test_an_object_that_does_not_match_its_etag_is_refused(s3_server, bucket, ti
     assert code == 2 and result["field"] == "spec.adapters[1].uri", log
     assert "ETag" in result["message"]
     assert _objects(s3_server, bucket, "merged") == {}
+
+
+def test_evaluation_dataset_is_one_object(s3_server, bucket, tiny_store, tmp_path):
+    s3_server.upload_folder(tiny_store / "adapters", bucket, "adapters")
+    s3_server.upload_folder(tiny_store / "models" / "tiny", bucket, "models/tiny")
+    s3_server.client().put_object(Bucket=bucket, Key="eval/a.jsonl",
+                                  Body=b'{"prompt": "x", "completion": "y"}\n{"prompt": 3}\n')
+    spec = _spec(s3_server, bucket, {"uri": f"s3://{bucket}/merged"},
+                 baseModel={"uri": f"s3://{bucket}/models/tiny"},
+                 evaluation={"datasets": [{"name": "a", "adapter": "a", "uri": f"s3://{bucket}/eval/a.jsonl"}]})
+    # The reader's own error about the downloaded file names the spec's uri field, not the scratch path.
+    code, log, _ = _cli(tmp_path, spec, s3_server.env(), command="validate")
+    assert code == 2 and "spec.evaluation.datasets[0].uri" in log and "line 2" in log, log
+    s3_server.client().put_object(Bucket=bucket, Key="eval/a.jsonl", Body=b'{"prompt": "x", "completion": "y"}\n')
+    code, log, _ = _cli(tmp_path, spec, s3_server.env(), command="validate")
+    assert code == 0, log
+    spec["evaluation"]["datasets"][0]["uri"] = f"s3://{bucket}/eval/missing.jsonl"
+    code, log, _ = _cli(tmp_path, spec, s3_server.env(), command="validate")
+    assert code == 2 and "spec.evaluation.datasets[0].uri" in log and "not found" in log, log
