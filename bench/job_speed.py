@@ -75,8 +75,9 @@ SHAPES = {
     "tiny": Shape(256, 512, 2, 4, 2, 2048, tied=False),
     "tiny3": Shape(192, 384, 2, 4, 2, 2048, tied=True),
 }
-# name, rank, modules, delta rms relative to the weight's (tiny for the evaluation set, so the adapters
-# do not move greedy generation off the base's continuation; realistic for the accuracy comparison)
+# name, rank, modules. make_adapters' `relative` (rms(B @ A) / rms(W)) is tiny for the 8B set (5e-5), so
+# the adapters keep greedy generation on the base's continuation, and realistic (5%) for the 3B set, where
+# the accuracy comparison needs deltas well above bf16 rounding.
 ADAPTERS = (("r8", 8, ATTENTION + MLP), ("r16", 16, ATTENTION + MLP), ("r4attn", 4, ATTENTION))
 
 
@@ -188,7 +189,8 @@ def make_adapters(root: Path, tag: str, shape: Shape, relative: float, device: t
         for layer in range(shape.layers):
             for suffix in suffixes:
                 out_f, in_f = shape.module_shape(suffix)
-                a = torch.randn(rank, in_f, generator=generator, device=device) / in_f**0.5
+                # rms(B @ A) = relative x INIT_STD, the base weights' rms
+                a = torch.randn(rank, in_f, generator=generator, device=device)
                 b = torch.randn(out_f, rank, generator=generator, device=device) * (relative * INIT_STD / rank**0.5)
                 writer.add_module(f"model.layers.{layer}.{suffix}", "linear",
                                   MergedModule(b=b.cpu(), a=a.cpu(), relative_error=0.0))
@@ -411,7 +413,8 @@ def evaluation_row(root: Path, base: str, adapters: list[str], datasets: list[st
     return row
 
 
-def mergekit_rows(root: Path, base: str, adapters: list[str], device: str, env: dict, logs: Path) -> list[dict]:
+def mergekit_rows(root: Path, tag: str, base: str, adapters: list[str], device: str, env: dict, logs: Path
+                  ) -> list[dict]:
     """mergekit-yaml ties on base+adapter references, cold (empty LoRA cache) then warm."""
     import yaml
 
@@ -437,7 +440,7 @@ def mergekit_rows(root: Path, base: str, adapters: list[str], device: str, env: 
         command = [sys.executable, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())",
                    str(path), str(out), *flags]
         run = fresh(command, gpu=device == "cuda", env=env, log=logs / f"mergekit-{label.split()[0]}.log")
-        rows.append({"row": f"mergekit ties, 3b bf16, {label}", **run})
+        rows.append({"row": f"mergekit ties, {tag} bf16, {label}", **run})
         print(f"{rows[-1]}", flush=True)
         if run["exit"] != 0:
             break
@@ -513,7 +516,7 @@ def table(rows: list[dict]) -> str:
             notes.append("exact match " + ", ".join(f"{n} {d['base']:.2f}/{d['source']:.2f}/{d['merged']:.2f}"
                                                     for n, d in r["exact"].items() if d))
         if r.get("ratio"):
-            notes.append(f"{r['ratio']:.1f}x faster (target >= 5x)")
+            notes.append(f"mergekit / ours {r['ratio']:.1f}x (target >= 5x)")
         if r.get("error") is not None:
             notes.append(f"error {100 * r['error']:.2f}% of the delta")
         if r.get("exit") not in (None, 0):
@@ -567,7 +570,7 @@ def main() -> None:
     base_big = f"base-{tags[0]}"
     t = time.perf_counter()
     make_base(root / base_big, big, tdev)
-    adapters_big = make_adapters(root, tags[0], big, relative=1e-3, device=tdev)
+    adapters_big = make_adapters(root, tags[0], big, relative=5e-5, device=tdev)
     print(f"[{time.perf_counter() - started:.0f} s] inputs {tags[0]} ready ({time.perf_counter() - t:.1f} s)", flush=True)
 
     step("floor", lambda: floor_row(device, env))
@@ -588,7 +591,7 @@ def main() -> None:
                                                             env, logs)) or ours)
         if "mergekit" in only:
             theirs: list[dict] = []
-            step("mergekit", lambda: theirs.extend(mergekit_rows(root, base_small, adapters_small, device, env,
+            step("mergekit", lambda: theirs.extend(mergekit_rows(root, tags[1], base_small, adapters_small, device, env,
                                                                  logs)) or theirs)
             outputs = {"ours": root / "out" / f"merged-{tags[1]}"}
             if theirs and theirs[-1].get("exit") == 0:

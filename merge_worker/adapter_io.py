@@ -8,8 +8,7 @@ asked for, so merging streams module by module.
 PEFT's names are normalised to the base model's module names: `base_model.model.` is dropped, and
 `<module>.lora_A[.<adapter>].weight` / `<module>.lora_embedding_A[.<adapter>]` give the factors of
 `<module>` (e.g. `model.layers.0.self_attn.q_proj`). rank_pattern / alpha_pattern keys match module
-names the way PEFT matches them (`get_pattern_key`): a key is a regex that must match the whole name or
-a suffix of it starting at a '.'.
+names the way PEFT matches them (`get_pattern_key`), within a time bound (merge_worker.inputs.patterns).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from merge_worker.input_error import InputError
 from merge_worker.inputs.config_files import AdapterConfigFile
 from merge_worker.inputs.json_files import JsonFileError, read_json_model
-from merge_worker.inputs.patterns import PatternError, first_matches, pattern_value
+from merge_worker.inputs.patterns import PatternError, first_matches
 from merge_worker.inputs.safetensors_file import DTYPES, SafetensorsError, SafetensorsFile
 from merge_worker.inputs.volume_files import InputFile, InputFolder, PathRefused, VolumeRoot
 
@@ -52,10 +51,6 @@ _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>[AB])(?:\
 # PEFT saves the embedding layer it wraps alongside its LoRA factors (save_embedding_layers): base data.
 _BASE_LAYER_KEY = re.compile(r"^.+\.(?:base_layer|original_module)\.[^.]+$")
 _SAVED_WRAPPER = re.compile(r"\.modules_to_save\.[^.]+(?=\.[^.]+$)")
-
-__all__ = ["Adapter", "AdapterConfig", "AdapterError", "ModuleKind", "ModulePlan", "check_same_base",
-           "iter_module_factors", "pattern_value", "plan_modules", "read_adapter", "weight_name"]
-
 
 class AdapterError(InputError):
     """An unusable adapter; the message names the adapter folder (and the tensor, when one is at fault)."""
@@ -354,7 +349,10 @@ class Adapter:
 
     def check_finite(self) -> None:
         """Raises naming the first tensor holding NaN or Inf (or a float64 value float32 cannot hold)."""
-        bad = self._file.first_unusable()
+        try:
+            bad = self._file.first_unusable()
+        except PathRefused as exc:  # the file shrank while being read
+            raise AdapterError(self.path, f"{self.weights_path.name} {exc}") from None
         if bad is not None:
             key, problem = bad
             raise AdapterError(self.path, f"tensor {key} in {self.weights_path.name} holds {problem}")

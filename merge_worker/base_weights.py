@@ -99,7 +99,10 @@ class BaseWeights:
         """(tensor, problem) for the first of `names` (default: every tensor) holding NaN or Inf."""
         for shard, handle in self._handles.items():
             keys = None if names is None else [n for n in names if self._where.get(n) == shard]
-            bad = handle.first_unusable(keys)
+            try:
+                bad = handle.first_unusable(keys)
+            except PathRefused as exc:  # the file shrank while being read
+                raise BaseWeightsError(self.path, f"{shard} {exc}") from None
             if bad is not None:
                 return bad
         return None

@@ -30,8 +30,8 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 def load_spec_file(path: Path) -> AdapterMergeSpec:
     """Reads an AdapterMerge YAML file; a YAML syntax error names the file, line and column.
-    Aliases, nesting deeper than MAX_SPEC_DEPTH and NUL bytes are refused (merge_worker.spec_yaml)."""
-    from merge_worker.spec_yaml import load_spec_document
+    Aliases, nesting deeper than MAX_SPEC_DEPTH and NUL bytes are refused (merge_worker.inputs.spec_yaml)."""
+    from merge_worker.inputs.spec_yaml import load_spec_document
 
     return parse_resource(load_spec_document(Path(path))).spec
 

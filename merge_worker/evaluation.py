@@ -25,7 +25,10 @@ from merge_worker.eval_datasets import read_jsonl
 from merge_worker.spec import AdapterMergeSpec
 
 IGNORE = -100  # label of positions that are not scored (prompt, padding), as transformers uses it
-GENERATION_ROWS = 256  # rows generated together on a GPU (KV cache: about 0.13 MB per token per row at 8B)
+# Rows generated together on a GPU: at most GENERATION_ROWS, and at most GENERATION_TOKENS tokens of KV
+# cache in all (about 0.13 MB per token at Llama-3.1-8B: 8.6 GB), so long prompts take fewer rows.
+GENERATION_ROWS = 256
+GENERATION_TOKENS = 1 << 16
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -147,6 +150,15 @@ def _no_adapters(adapter: str | None):
     return nullcontext()
 
 
+def generation_rows(batch_size: int, longest: int, device: torch.device) -> int:
+    """Rows per generation batch: batchSize on a CPU; on a GPU as many as GENERATION_ROWS and a KV cache of
+    GENERATION_TOKENS allow for sequences of `longest` tokens (prompt + maxNewTokens), never fewer than
+    batchSize."""
+    if device.type != "cuda":
+        return batch_size
+    return max(batch_size, min(GENERATION_ROWS, GENERATION_TOKENS // max(longest, 1)))
+
+
 def still_possible(generated: str, expected: str) -> bool:
     """Whether text generated so far can still end up equal to `expected` (ignoring surrounding space)."""
     text, target = generated.lstrip(), expected.strip()
@@ -266,10 +278,11 @@ class Scorer:
                                  device=self.device, mixed=self._mixed(), using=self._using)
 
     def exact_matches(self, tasks: Sequence[Task]) -> dict[Any, float]:
-        # Generation is bound by one pass over the weights per token, not by the rows: on a GPU every row
-        # of every task goes into one batch where it fits (GENERATION_ROWS), with a KV cache and a stop per row.
-        rows = max(self.batch_size, GENERATION_ROWS) if self.device.type == "cuda" else self.batch_size
-        return exact_match_rates(self.model, self.tokenizer, tasks, batch_size=rows,
+        # Generation is bound by one pass over the weights per token, not by the rows: on a GPU the rows of
+        # every task share batches as large as the KV cache allows, with a stop per row.
+        longest = max((len(e.prompt_ids) for t in tasks for e in t.examples), default=0) + self.max_new_tokens
+        return exact_match_rates(self.model, self.tokenizer, tasks,
+                                 batch_size=generation_rows(self.batch_size, longest, self.device),
                                  max_new_tokens=self.max_new_tokens, device=self.device, mixed=self._mixed(),
                                  using=self._using)
 

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from merge_worker.inputs.patterns import MAX_KEY_LENGTH, MAX_PATTERN_KEYS, compile_key
 
@@ -59,6 +59,14 @@ class AdapterConfigFile(_File):
     base_model_name_or_path: Text | None = None
     fan_in_fan_out: bool = False
     task_type: Text | None = None
+
+    @field_validator("rank_pattern", "alpha_pattern", mode="before")
+    @classmethod
+    def _few_keys(cls, value: Any) -> Any:
+        # Counted before the keys are compiled one by one: a million keys are refused at once.
+        if isinstance(value, dict) and len(value) > MAX_PATTERN_KEYS:
+            raise ValueError(f"{len(value)} keys; at most {MAX_PATTERN_KEYS}")
+        return value
 
 
 class BaseConfigFile(_File):

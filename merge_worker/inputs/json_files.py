@@ -7,6 +7,7 @@ never the value found there: a message ends up in logs and the result file.
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ValidationError
 from merge_worker.inputs.volume_files import InputFile, PathRefused
 
 MAX_JSON_BYTES = 16 << 20  # far above any real config or index
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNION_TAG = re.compile(r"^(?:(?:list|dict|tuple|set)\[.*\]|constrained-.*|function-.*|int|str|float|bool|none)$")
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -49,11 +52,13 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     for part in first["loc"]:
         if isinstance(part, int):
             where += f"[{part}]"
-        else:
-            text = str(part) if str(part).isprintable() else repr(part)
-            if len(text) > 80:
-                text = text[:80] + "..."
-            where += ("." if where else "") + text
+        elif part == "[key]" or _UNION_TAG.match(str(part)):
+            continue  # pydantic's labels for a dict key or a union's branch, meaningless to a user
+        elif _NAME.match(str(part)):
+            where += ("." if where else "") + str(part)
+        else:  # a key from the file: quoted, shortened, control characters escaped
+            text = str(part)
+            where += f"[{(text[:60] + '...') if len(text) > 60 else text!r}]"
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{where or '<top level>'}: {message}{more}"

@@ -16,7 +16,6 @@ import select
 import signal
 import struct
 import time
-from typing import Any
 
 MAX_PATTERN_KEYS = 2048
 MAX_KEY_LENGTH = 256
@@ -31,14 +30,6 @@ class PatternError(ValueError):
 def compile_key(key: str) -> re.Pattern[str]:
     """The key as PEFT applies it; raises ValueError (re.error) for an invalid regular expression."""
     return re.compile(rf"(.*\.)?({key})$")
-
-
-def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's lookup for one module (unbounded: for trusted patterns; readers use first_matches)."""
-    for key in pattern:
-        if compile_key(key).match(module):
-            return pattern[key]
-    return default
 
 
 def first_matches(keys: list[str], modules: list[str]) -> dict[str, int | None]:
@@ -61,12 +52,12 @@ def first_matches(keys: list[str], modules: list[str]) -> dict[str, int | None]:
 
 def _match_in_child(regex: list[tuple[int, str]], modules: list[str], seconds: float) -> list[int | None]:
     """Matches in a forked child that reports one 4-byte index per module (-1: none) through a pipe."""
+    compiled = [(index, compile_key(key)) for index, key in regex]  # here: the child only matches
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: match, report, and leave without running any cleanup of the parent's
         try:
             os.close(read_end)
-            compiled = [(index, compile_key(key)) for index, key in regex]
             for module in modules:
                 index = next((i for i, pattern in compiled if pattern.match(module)), -1)
                 os.write(write_end, struct.pack("<i", index))
@@ -75,10 +66,12 @@ def _match_in_child(regex: list[tuple[int, str]], modules: list[str], seconds: f
     os.close(write_end)
     data = b""
     deadline = time.monotonic() + seconds
+    poll = select.poll()  # not select(): with many inputs open, the pipe's fd may exceed FD_SETSIZE
+    poll.register(read_end, select.POLLIN)
     try:
         while len(data) < 4 * len(modules):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            if left <= 0 or not poll.poll(left * 1000):
                 module = modules[len(data) // 4]
                 raise PatternError(f"matching module {module} against the keys did not finish within "
                                    f"{seconds:g} s (a regular expression that backtracks catastrophically?)")

@@ -35,10 +35,15 @@ class PathRefused(ValueError):
     path only (never about the contents of any file) and reads after the path's name."""
 
 
+class NotAFile(PathRefused):
+    """The path leads to a folder, FIFO, socket or device: never opened for reading."""
+
+
 class VolumeRoot:
     """A volume's folder, opened once; every input path on that volume is walked from here."""
 
     def __init__(self, folder: Path):
+        _raise_open_file_limit()
         self.path = Path(folder)
         self.fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         weakref.finalize(self, os.close, self.fd)
@@ -117,9 +122,9 @@ class InputFolder:
         for name in names:
             try:
                 files.append(self.open(name))
+            except NotAFile:
+                continue  # subfolders and other entries are not part of a model folder's files
             except PathRefused as exc:
-                if "is not a file" in str(exc):
-                    continue  # subfolders and other entries are not part of a model folder's files
                 raise PathRefused(f"{name} {exc}") from None
         return files
 
@@ -198,13 +203,18 @@ def _walk(root: VolumeRoot, start: list[int], relative: str) -> tuple[list[int],
                 raise PathRefused("does not exist") from None
             except NotADirectoryError:
                 raise PathRefused("does not exist (a file is in its path)") from None
+            except OSError as exc:  # permission denied, a name too long...
+                raise PathRefused(f"cannot be opened ({exc.strerror})") from None
             st = os.fstat(fd)
             if stat.S_ISLNK(st.st_mode):
                 os.close(fd)
                 links += 1
                 if links > MAX_LINKS:
                     raise PathRefused(f"passes more than {MAX_LINKS} symlinks")
-                target = os.readlink(name, dir_fd=chain[-1])
+                try:
+                    target = os.readlink(name, dir_fd=chain[-1])
+                except OSError:
+                    raise PathRefused("changed while being opened") from None
                 if target.startswith("/"):
                     inside = os.path.relpath(os.path.normpath(target), root.real)
                     if inside == ".." or inside.startswith("../"):
@@ -238,11 +248,11 @@ def _components(relative: str) -> list[str]:
 
 def _open_regular(folder_fd: int, fd: int, st: os.stat_result, shown: Path, name: str) -> InputFile:
     if not stat.S_ISREG(st.st_mode):
-        raise PathRefused("is not a file")
+        raise NotAFile("is not a file")
     try:
         opened = os.open(name, _READ, dir_fd=folder_fd)
-    except OSError:
-        raise PathRefused("changed while being opened") from None
+    except OSError as exc:
+        raise PathRefused(f"cannot be opened ({exc.strerror})") from None
     now = os.fstat(opened)
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
         os.close(opened)
@@ -263,6 +273,19 @@ def _check_still_beneath(root: VolumeRoot, fd: int) -> None:
     real = _fd_path(fd)
     if real is not None and not Path(real).is_relative_to(root.real):
         raise PathRefused("leads outside its volume (moved during the check)")
+
+
+def _raise_open_file_limit() -> None:
+    """Every input file stays open for the run (a large model has hundreds of shards): use the hard
+    limit on open files, not the often lower soft one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _close(fds: list[int]) -> None:

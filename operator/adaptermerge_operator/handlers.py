@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
 from typing import Any
 
 import kopf
 
 from merge_worker import spec as specs
 
-from adaptermerge_operator import names, outputs, reconcile
+from adaptermerge_operator import metrics, names, outputs, reconcile
 from adaptermerge_operator.kube import KubeApi, load_client_config
 from adaptermerge_operator.settings import Settings
 from adaptermerge_operator.status import FINISHED_PHASES
 from adaptermerge_operator.slim import slim_job, slim_pod
 
 MERGES = (specs.API_GROUP, specs.API_VERSION, specs.PLURAL)
+WATCHED_BY_LABEL = (("batch", "v1", "jobs"), ("", "v1", "pods"))
 OWNED = {names.LABEL_UID: kopf.PRESENT}
 HAS_OWNER = {names.ANNOTATION_OWNER: kopf.PRESENT}
 # How often unfinished merges are checked for pods that cannot be created or scheduled.
@@ -33,12 +36,24 @@ STUCK_CHECK_SECONDS = 5
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, merge_verdicts: kopf.Index, **_: Any
+) -> None:
     # kopf posts an event per handler run at INFO; only our own transition events are worth keeping.
     settings.posting.level = logging.WARNING
+    # Events say who wrote them: `kubectl describe` shows "From adaptermerge", not kopf's defaults.
+    settings.posting.reporting_component = names.EVENT_COMPONENT
+    settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
+    settings.posting.event_name_prefix = f"{names.EVENT_COMPONENT}-"
+    # The API server sends only our Jobs and pods: kopf's `labels=` filters are client-side, so
+    # without this every pod and Job of the cluster would be streamed to (and parsed by) the operator.
+    for resource in WATCHED_BY_LABEL:
+        settings.watching.label_selectors[resource] = names.LABEL_UID
     settings.execution.max_workers = 2  # all handlers are async; API calls use KubeApi's own pool
     memo.settings = Settings.from_env()
     memo.api = KubeApi(load_client_config())
+    if memo.settings.metrics_port:
+        metrics.serve(memo.settings.metrics_port, merge_verdicts)
 
 
 @kopf.on.cleanup()
@@ -46,9 +61,17 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.api.close()
 
 
+@kopf.index(*MERGES)
+def merge_verdicts(body: kopf.Body, namespace: str, uid: str, **_: Any) -> dict[Any, str]:
+    """(namespace, phase, reason) -> uids: what adaptermerge_merges counts at scrape time."""
+    return {metrics.verdict_key(namespace, body.get("status")): uid}
+
+
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
 def merge_jobs(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
-    return {labels[names.LABEL_UID]: slim_job(body)}
+    # Labels can be copied by anyone who may create Jobs; the controller reference is set by us.
+    uid = labels[names.LABEL_UID]
+    return {uid: slim_job(body)} if names.controller_uid(body) == uid else {}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED)
@@ -82,6 +105,7 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 @kopf.on.create(*MERGES)
 @kopf.on.update(*MERGES, field="spec")
 @kopf.on.update(*MERGES, field=("metadata", "annotations", names.ANNOTATION_RERUN))
+@metrics.timed("merge")
 async def reconcile_merge(
     body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index,
     **_: Any,
@@ -108,6 +132,7 @@ async def check_stuck(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED, annotations=HAS_OWNER)
+@metrics.timed("job")
 async def job_event(
     type: str | None, body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index,
     merge_outputs: kopf.Index, **_: Any,
@@ -126,6 +151,7 @@ async def job_event(
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED, annotations=HAS_OWNER)
+@metrics.timed("pod")
 async def pod_event(
     body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index,
     **_: Any,

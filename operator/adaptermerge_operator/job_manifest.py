@@ -14,7 +14,7 @@ import yaml
 from merge_worker import spec as specs
 from merge_worker.spec import AdapterMergeSpec
 
-from adaptermerge_operator import names
+from adaptermerge_operator import names, policy
 from adaptermerge_operator.settings import Settings
 
 CONTAINER = "worker"
@@ -74,11 +74,18 @@ def claim_volumes(spec: AdapterMergeSpec) -> list[tuple[str, str, bool]]:
     ]
 
 
-def worker_command(spec: AdapterMergeSpec) -> list[str]:
+def owner_of(merge: Mapping[str, Any]) -> str:
+    """NAMESPACE/NAME/UID: the worker records it in the output's manifest, replaces an output of the
+    same owner (a new generation or a rerun) and refuses one of another (OutputConflict)."""
+    meta = merge["metadata"]
+    return f"{meta['namespace']}/{meta['name']}/{meta['uid']}"
+
+
+def worker_command(merge: Mapping[str, Any], spec: AdapterMergeSpec) -> list[str]:
     command = ["adaptermerge", "run", f"{SPEC_DIR}/{SPEC_KEY}"]
     for _, claim, _ in claim_volumes(spec):
         command += ["--volume", f"{claim}={CLAIMS_DIR}/{claim}"]
-    return command + ["--device", "auto", "--result-file", TERMINATION_LOG]
+    return command + ["--owner", owner_of(merge), "--device", "auto", "--result-file", TERMINATION_LOG]
 
 
 def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
@@ -89,10 +96,10 @@ def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
         resources.setdefault("limits", {})[settings.gpu_resource] = gpus
         if settings.gpu_resource in resources.get("requests", {}):
             resources["requests"][settings.gpu_resource] = gpus
-    return resources
+    return policy.memory_limit(settings.policy, resources)
 
 
-def _container(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
+def _container(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
     mounts = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
     mounts += [
         {"name": volume, "mountPath": f"{CLAIMS_DIR}/{claim}", "readOnly": read_only}
@@ -102,7 +109,7 @@ def _container(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
     container = {
         "name": CONTAINER,
         "image": settings.worker_image,
-        "command": worker_command(spec),
+        "command": worker_command(merge, spec),
         # The root filesystem is read-only: caches and home go to the scratch emptyDir.
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _resources(spec, settings),
@@ -142,7 +149,7 @@ def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settin
             "fsGroup": settings.worker_gid,  # so the non-root worker can write the output claim
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(spec, settings)],
+        "containers": [_container(merge, spec, settings)],
         "volumes": volumes,
     }
     if settings.worker_service_account:

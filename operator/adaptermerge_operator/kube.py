@@ -15,6 +15,9 @@ from typing import Any, Callable, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from adaptermerge_operator import metrics
 
 from merge_worker import spec as specs
 
@@ -72,8 +75,15 @@ class KubeApi:
         self.executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kube-api")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs one blocking call off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        """Runs one blocking call off the event loop; failures count in adaptermerge_api_errors_total."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+        except ApiException as exc:
+            metrics.count_api_error(fn.__name__, exc.status)
+            raise
+        except HTTPError:
+            metrics.count_api_error(fn.__name__, "connection")
+            raise
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -103,6 +113,18 @@ class KubeApi:
                 raise Conflict(meta["name"]) from None
             raise
 
+    # -- PersistentVolumeClaims (only with a tenant policy on claim labels) -------------------------
+
+    def claim_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The claim's labels ({} if none); None when there is no such claim."""
+        try:
+            claim = _json(self.core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return claim["metadata"].get("labels") or {}
+
     # -- Jobs and ConfigMaps ---------------------------------------------------------------------
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +135,8 @@ class KubeApi:
         except ApiException as exc:
             if exc.status == 409:
                 raise AlreadyExists(obj["metadata"]["name"]) from None
+            if exc.status in (400, 403, 422):  # answered here, so KubeApi.run does not see them
+                metrics.count_api_error("create", exc.status)
             if exc.status in (400, 422):
                 raise Rejected(_api_message(exc)) from None
             if exc.status == 403:

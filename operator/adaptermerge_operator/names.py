@@ -24,6 +24,8 @@ LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_RERUN = "adaptermerge.io/rerun"
 # On every Job the operator creates: the Job stays (e.g. past its TTL) until its verdict is in the status.
 FINALIZER = "adaptermerge.io/verdict"
+# The reporting component of the operator's Kubernetes events ("From" in `kubectl describe`).
+EVENT_COMPONENT = "adaptermerge"
 COMMON_LABELS = {
     "app.kubernetes.io/name": "adaptermerge",
     "app.kubernetes.io/component": "merge-worker",
@@ -66,6 +68,12 @@ def label_value(text: str) -> str:
     if len(text) <= MAX_NAME and _LABEL_VALUE.match(text):
         return text
     return shorten(text.strip("-._"), limit=MAX_NAME)
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with controller: true), if any."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
 
 def owned_labels(merge_name: str, uid: str, generation: int) -> dict[str, str]:

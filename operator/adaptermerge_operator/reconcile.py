@@ -21,7 +21,7 @@ import kopf
 
 from merge_worker.spec import SpecError, parse_spec
 
-from adaptermerge_operator import job_manifest, names, outputs, status
+from adaptermerge_operator import job_manifest, metrics, names, outputs, policy, status
 from adaptermerge_operator.kube import AlreadyExists, Conflict, Forbidden, KubeApi, Rejected
 from adaptermerge_operator.settings import Settings
 
@@ -70,8 +70,7 @@ async def _create_owned(ctx: Context, obj: dict[str, Any], uid: str) -> bool:
         existing = await ctx.api.run(ctx.api.get, obj["kind"], meta["namespace"], meta["name"])
         if existing is None:  # deleted in between (a superseded one finishing its deletion)
             raise kopf.TemporaryError(f"{obj['kind']} {meta['name']} is being deleted; retrying", delay=2)
-        owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences", [])]
-        if uid not in owners:
+        if names.controller_uid(existing) != uid:  # an owner reference without controller is not enough
             raise kopf.TemporaryError(
                 f"{obj['kind']} {meta['name']} exists and does not belong to this AdapterMerge", delay=30
             ) from None
@@ -95,10 +94,20 @@ async def retire_superseded(ctx: Context, merge: Mapping[str, Any]) -> None:
             )
 
 
+async def _policy_refusal(ctx: Context, merge: Mapping[str, Any], spec: Any) -> str:
+    """Why the tenant policy refuses this spec (docs/install.md "Tenant policy"), or ""."""
+    meta, rules = merge["metadata"], ctx.settings.policy
+    labels = {}
+    if rules.enabled and rules.claims.match_labels:
+        for claim in spec.claims():
+            labels[claim] = await ctx.api.run(ctx.api.claim_labels, meta["namespace"], claim)
+    return "; ".join(policy.violations(rules, spec, labels))
+
+
 async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
     """Makes the current run's ConfigMap and Job exist (created here, or adopted), unless the spec is
-    invalid, the output is another resource's, or this run already has its verdict (its Job may be
-    gone since: TTL). True when the Job exists, so its own events keep the status up to date."""
+    invalid, the output is another resource's, the tenant policy refuses it, or this run already has
+    its verdict (its Job may be gone since: TTL). True when the Job exists, so its own events keep the status up to date."""
     meta = merge["metadata"]
     run = names.run_name(merge)
     if meta.get("deletionTimestamp") or status.is_finished(merge.get("status"), run):
@@ -119,6 +128,10 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
     if conflict:
         await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], status.Facts(output_conflict=conflict))
         return False
+    refusal = await _policy_refusal(ctx, merge, spec)
+    if refusal:
+        await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], status.Facts(policy_refusal=refusal))
+        return False
     job = job_manifest.render_job(merge, spec, ctx.settings)
     job["metadata"]["finalizers"] = [names.FINALIZER]
     try:
@@ -137,6 +150,7 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
         await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], facts)
         raise kopf.TemporaryError(f"creating Job {run}: {forbidden}", delay=FORBIDDEN_RETRY_SECONDS) from None
     if created:
+        metrics.count_job_created(meta["namespace"])
         kopf.event(merge, type="Normal", reason="JobCreated", message=f"created Job {run}")
     return True
 
@@ -156,7 +170,8 @@ async def refresh_status(
         merge = await ctx.api.run(ctx.api.get_merge, namespace, name)
         if merge is None or merge["metadata"]["uid"] != uid:
             return True  # deleted (or replaced by a new resource of that name, which has its own events)
-        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), now(), facts)
+        observed_at = now()
+        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), observed_at, facts)
         previous = status.own_status(merge.get("status"))
         if desired != previous:
             kept = {k: v for k, v in (merge.get("status") or {}).items() if k not in status.OWN_KEYS}
@@ -166,6 +181,7 @@ async def refresh_status(
             except Conflict:
                 continue
             _announce(merge, previous, desired)
+            metrics.observe_status_change(previous, desired, ctx.run_job(merge), observed_at)
         await _stop_after_verdict(ctx, merge, desired)
         return True
     log.warning("status of %s/%s: gave up after %d conflicting writes", namespace, name, MAX_CONFLICTS)

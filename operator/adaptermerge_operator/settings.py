@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 from merge_worker import __version__
 
+from adaptermerge_operator.policy import Policy
+
 DEFAULT_WORKER_IMAGE = f"ghcr.io/adaptermerge/adaptermerge-worker:{__version__}"
 # The unprivileged user the Dockerfile's worker image creates.
 DEFAULT_WORKER_UID = 10001
@@ -36,6 +38,8 @@ class Settings:
     worker_gid: int = DEFAULT_WORKER_UID
     # How long a worker pod may wait for a node, or fail to be created, before the merge fails (0: forever).
     scheduling_timeout: int = DEFAULT_SCHEDULING_TIMEOUT
+    metrics_port: int = 0  # 0: no /metrics endpoint (the chart turns it on)
+    policy: Policy = field(default_factory=Policy)  # the tenant policy; the default restricts nothing
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,6 +59,8 @@ class Settings:
             worker_gid=_int(env, "ADAPTERMERGE_WORKER_RUN_AS_GROUP", defaults.worker_gid),
             scheduling_timeout=_int(env, "ADAPTERMERGE_SCHEDULING_TIMEOUT_SECONDS", defaults.scheduling_timeout,
                                     minimum=0),
+            metrics_port=_port(env, "ADAPTERMERGE_METRICS_PORT"),
+            policy=_policy(env, "ADAPTERMERGE_POLICY"),
         )
 
 
@@ -93,4 +99,18 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     if value < minimum:
         why = "the worker must not run as root" if minimum == 1 else f"expected at least {minimum}"
         raise SettingsError(f"{name}={text!r}: {why}")
+    return value
+
+
+def _policy(env: Mapping[str, str], name: str) -> Policy:
+    try:
+        return Policy.from_json(name, env.get(name, ""))
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = _int(env, name, 0, minimum=0)
+    if value > 65535:
+        raise SettingsError(f"{name}={value}: expected a port number, or 0 for none")
     return value

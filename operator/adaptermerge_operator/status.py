@@ -36,6 +36,7 @@ OWN_KEYS = (
 RESULT_KEYS = ("seconds", "modules", "maxReconstructionError", "rank", "retention", "exitCode")
 # Worker reasons kept as the condition's reason; any other failure reads JobFailed.
 WORKER_REASONS = ("InvalidSpec", "RetentionBelowThreshold", "OutputConflict")
+POLICY_REASON = "PolicyViolation"  # the tenant policy refused the spec: no Job
 # Pod conditions set when a pod is stopped by the cluster (eviction, preemption, drain), not by a fault.
 DISRUPTION = "DisruptionTarget"
 
@@ -54,6 +55,7 @@ class Facts:
     job_rejected: str = ""  # the API server's message when it refused to create the Job
     job_forbidden: str = ""  # its message when it forbade the Job for now (a quota): retried
     output_conflict: str = ""  # why another resource holds this output
+    policy_refusal: str = ""  # what the tenant policy does not allow (no Job was created)
     pod_creation_failure: tuple[str, str] | None = None  # (message, since) of the Job's FailedCreate events
     scheduling_timeout: int = 0  # seconds a pod may wait for a node (or to be created); 0: forever
 
@@ -207,6 +209,8 @@ def judge(
         return Verdict("Failed", "JobRejected", f"the API server refused the merge Job: {facts.job_rejected}")
     if facts.output_conflict:
         return Verdict("Failed", "OutputConflict", facts.output_conflict)
+    if job is None and facts.policy_refusal:
+        return Verdict("Failed", POLICY_REASON, facts.policy_refusal)
     if job is None and facts.job_forbidden:
         return Verdict("Pending", "JobForbidden", f"the API server does not allow the merge Job yet, retrying: "
                                                   f"{facts.job_forbidden}")

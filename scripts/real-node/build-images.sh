@@ -3,7 +3,7 @@
 # (docs/real-node.md):
 #   pause     the pod sandbox image, from pause.c (gcc -static);
 #   base      a Debian root filesystem made by mmdebstrap from Debian packages, standing in for the
-#             Dockerfile's public base images (passed as the PYTHON_IMAGE/CUDA_IMAGE build args);
+#             Dockerfile's public base image (passed as the BASE_IMAGE build arg);
 #   operator, worker   the Dockerfile's two targets, built by buildah.
 # Cached: buildah's storage (with its layer cache) lives under the cache, so an unchanged tree rebuilds
 # nothing. Usage: build-images.sh [TARGET...] (the Dockerfile's targets, default: operator worker; pause
@@ -67,7 +67,7 @@ targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(operator worker)
 for target in "${targets[@]}"; do
   log "building the Dockerfile's $target target (cached layers are reused)"
   buildah bud --quiet --layers --format docker --isolation chroot --network host "${volumes[@]}" \
-    --build-arg "PYTHON_IMAGE=$base_ref" --build-arg "CUDA_IMAGE=$base_ref" \
+    --build-arg "BASE_IMAGE=$base_ref" \
     --target "$target" -t "localhost/adaptermerge-$target:build" -f "${DOCKERFILE:-$repo/Dockerfile}" "$repo" >&2
   id=$(image_id "localhost/adaptermerge-$target:build")
   # Tagged by content: the chart names exactly the image that was built.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from support.chart_identity import helm_template, object_prefix
+from support.control_plane import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,3 +55,17 @@ def test_gitops_example_passes_the_crd(control_plane, chart_crds, namespace):
     broken = example.read_text().replace("method: ties", "method: average")
     done = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=broken, check=False)
     assert done.returncode != 0 and "spec.method" in done.stderr
+
+
+def test_kubectl_explain_documents_the_fields_and_their_defaults(control_plane, chart_crds):
+    def explain(path: str) -> str:
+        # kubectl reads the OpenAPI document the API server publishes a moment after the CRD.
+        done = wait_until(lambda: (lambda d: d if d.returncode == 0 and "DESCRIPTION" in d.stdout else None)(
+            control_plane.kubectl("explain", path, check=False)), 60, f"kubectl explain {path}")
+        return " ".join(done.stdout.split())
+
+    output = explain("adaptermerge.spec.output")
+    assert "The merged adapter or model to write." in output
+    assert "Rank of the merged adapter, or auto" in output and "Defaults to 16." in output
+    assert "Defaults to \"adapter\"." in output
+    assert "Taints the worker pod tolerates" in explain("adaptermerge.spec.job")

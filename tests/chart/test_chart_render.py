@@ -98,7 +98,7 @@ def test_worker_defaults_reach_the_operator_as_contract_env_vars(render):
     values = {"worker": {"image": {"repository": "registry.local/am-worker", "tag": "v9", "pullPolicy": "Always"},
                          "gpuResourceName": "amd.com/gpu", "nodeSelector": {"gpu": "a100"},
                          "tolerations": tolerations, "queueName": "gpu-queue",
-                         "runAsUser": 2000, "runAsGroup": 3000},
+                         "schedulingTimeoutSeconds": 60, "runAsUser": 2000, "runAsGroup": 3000},
               "workerServiceAccount": {"name": "merger"}}
     got = env(render(values))
     assert got["ADAPTERMERGE_WORKER_IMAGE"] == "registry.local/am-worker:v9"
@@ -108,6 +108,7 @@ def test_worker_defaults_reach_the_operator_as_contract_env_vars(render):
     assert json.loads(got["ADAPTERMERGE_DEFAULT_NODE_SELECTOR"]) == {"gpu": "a100"}
     assert json.loads(got["ADAPTERMERGE_DEFAULT_TOLERATIONS"]) == tolerations
     assert got["ADAPTERMERGE_DEFAULT_QUEUE_NAME"] == "gpu-queue"
+    assert got["ADAPTERMERGE_SCHEDULING_TIMEOUT_SECONDS"] == "60"
     assert (got["ADAPTERMERGE_WORKER_RUN_AS_USER"], got["ADAPTERMERGE_WORKER_RUN_AS_GROUP"]) == ("2000", "3000")
 
 
@@ -184,6 +185,8 @@ def test_ha_cluster_wide_uses_a_cluster_peering(render):
         ({"liveness": {"port": 70000}}, "/liveness/port"),
         ({"worker": {"runAsUser": "nobody"}}, "/worker/runAsUser"),
         ({"serviceAccount": {"create": "true"}}, "/serviceAccount/create"),
+        ({"metrics": {"port": 0}}, "/metrics/port"),
+        ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
         ({"replica": 2}, "replica"),  # a typo is an error, not silently ignored
     ],
 )
@@ -192,6 +195,7 @@ def test_schema_rejects_wrong_values(render_fails, values, field):
 
 
 @pytest.mark.parametrize("values", [{}, {"worker": {"nodeSelector": {"gpu": "h100"}, "queueName": "q",
+                                                    "schedulingTimeoutSeconds": 0,
                                                     "tolerations": [{"key": "gpu", "operator": "Exists"}]}}])
 def test_operator_accepts_the_settings_the_chart_passes(render, values):
     from adaptermerge_operator.settings import Settings
@@ -201,4 +205,33 @@ def test_operator_accepts_the_settings_the_chart_passes(render, values):
     assert settings.default_node_selector == worker.get("nodeSelector", {})
     assert settings.default_tolerations == worker.get("tolerations", [])
     assert settings.default_queue_name == worker.get("queueName", "")
+    assert settings.scheduling_timeout == worker.get("schedulingTimeoutSeconds", 900)
     assert settings.worker_service_account.endswith("-worker")
+
+
+def test_metrics_port_reaches_the_operator_and_a_service_selects_it(render):
+    objects = render({"metrics": {"port": 9100}})
+    operator = container(objects)
+    assert env(objects)["ADAPTERMERGE_METRICS_PORT"] == "9100"
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in operator["ports"]
+    (service,) = by_kind(objects, "Service")
+    (deployment,) = by_kind(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}]
+    assert by_kind(objects, "ServiceMonitor") == []  # optional: its CRD may not exist
+
+
+def test_service_monitor_scrapes_the_metrics_service(render):
+    objects = render({"metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}}})
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    (service,) = by_kind(objects, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+
+
+def test_metrics_can_be_turned_off(render):
+    objects = render({"metrics": {"enabled": False}})
+    assert "ADAPTERMERGE_METRICS_PORT" not in env(objects)
+    assert by_kind(objects, "Service") == [] and "metrics" not in {p["name"] for p in container(objects)["ports"]}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.chart_identity import operator_kubeconfig, worker_service_account
+from support.control_plane import wait_until
 
 # docs/interfaces.md #10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
 # kopf: list/watch and patch of the resource and its status, core/v1 event posts, peering; the
@@ -74,10 +75,17 @@ def rbac(objects: list[dict], kind: str) -> list[dict]:
     return [o for o in objects if o["kind"] == kind]
 
 
+def operator_cluster_roles(objects: list[dict]) -> list[dict]:
+    """ClusterRoles bound to the operator (the user roles below are bound by people, to people)."""
+    bound = {b["roleRef"]["name"] for b in rbac(objects, "ClusterRoleBinding")}
+    return [r for r in rbac(objects, "ClusterRole") if r["metadata"]["name"] in bound or
+            not r["metadata"]["name"].endswith(("-edit", "-view"))]
+
+
 def test_cluster_wide_rules_are_exactly_the_contract(render):
     objects = render()
     assert rbac(objects, "Role") == [] and rbac(objects, "RoleBinding") == []
-    (cluster_role,) = rbac(objects, "ClusterRole")
+    (cluster_role,) = operator_cluster_roles(objects)
     assert granted(cluster_role["rules"]) == expand({**NAMESPACED, **CLUSTER_WIDE_ONLY})
     (binding,) = rbac(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
@@ -89,7 +97,7 @@ def test_namespaced_rules_are_roles_in_watched_namespaces_only(render):
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert granted(role["rules"]) == expand(NAMESPACED)
-    assert rbac(objects, "ClusterRole") == [] and rbac(objects, "ClusterRoleBinding") == []
+    assert operator_cluster_roles(objects) == [] and rbac(objects, "ClusterRoleBinding") == []
     bindings = rbac(objects, "RoleBinding")
     assert len(bindings) == 2
     for binding in bindings:
@@ -175,3 +183,65 @@ def test_worker_identity_can_do_nothing(control_plane, namespace):
     kubeconfig = control_plane.kubeconfig_for_token(token)
     everything = checks_of({**NAMESPACED, **CLUSTER_WIDE_ONLY}) + FORBIDDEN
     assert wrongly_answered(control_plane, kubeconfig, everything, namespace, allowed=False) == []
+
+
+def test_claim_labels_in_the_policy_add_reading_claims_and_nothing_else(render):
+    labelled = {"policy": {"claims": {"matchLabels": {"adaptermerge.io/allowed": "true"}}}}
+    (cluster_role,) = operator_cluster_roles(render(labelled))
+    claims = {("", "persistentvolumeclaims", "get")}
+    assert granted(cluster_role["rules"]) == expand({**NAMESPACED, **CLUSTER_WIDE_ONLY}) | claims
+    for role in rbac(render({**labelled, "watchNamespaces": ["team-a"]}), "Role"):
+        assert granted(role["rules"]) == expand(NAMESPACED) | claims
+
+
+# ---- people: the aggregated user roles ----------------------------------------------------------------
+
+USER_EDIT = {("adaptermerge.io", "adaptermerges", ""): {"get", "list", "watch", "create", "update", "patch",
+                                                        "delete", "deletecollection"},
+             ("adaptermerge.io", "adaptermerges", "status"): {"get", "list", "watch"}}
+USER_VIEW = {("adaptermerge.io", "adaptermerges", ""): {"get", "list", "watch"},
+             ("adaptermerge.io", "adaptermerges", "status"): {"get", "list", "watch"}}
+
+
+def user_roles(objects: list[dict]) -> dict[str, dict]:
+    return {r["metadata"]["name"].rsplit("-", 1)[1]: r for r in rbac(objects, "ClusterRole")
+            if r["metadata"]["name"].endswith(("-edit", "-view"))}
+
+
+def test_user_roles_aggregate_into_edit_and_view_and_never_write_status(render):
+    roles = user_roles(render())
+    assert granted(roles["edit"]["rules"]) == expand(USER_EDIT)
+    assert granted(roles["view"]["rules"]) == expand(USER_VIEW)
+    edit_labels, view_labels = roles["edit"]["metadata"]["labels"], roles["view"]["metadata"]["labels"]
+    assert edit_labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit_labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view_labels["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in view_labels
+    assert user_roles(render({"userRoles": {"create": False}})) == {}
+
+
+@pytest.mark.cluster
+def test_namespace_editors_and_viewers_get_adaptermerges_through_the_builtin_roles(control_plane, helm, namespace):
+    from support.chart_identity import helm_template, object_prefix
+
+    manifest = helm_template(helm, namespace, {"fullnameOverride": object_prefix(namespace)},
+                             show_only=("templates/user-roles.yaml",))
+    control_plane.kubectl("apply", "-f", "-", input=manifest)
+    people = {}
+    for person, builtin in (("editor", "edit"), ("viewer", "view")):
+        control_plane.kubectl("create", "serviceaccount", person, "-n", namespace)
+        control_plane.kubectl("create", "rolebinding", person, f"--clusterrole={builtin}",
+                              f"--serviceaccount={namespace}:{person}", "-n", namespace)
+        token = control_plane.kubectl("create", "token", person, "-n", namespace).stdout.strip()
+        people[person] = control_plane.kubeconfig_for_token(token)
+    edit_checks, view_checks = checks_of(USER_EDIT), checks_of(USER_VIEW)
+    writes = [c for c in edit_checks if c not in view_checks]
+    status_writes = [(v, "adaptermerge.io", "adaptermerges", "status") for v in ("update", "patch")]
+    # The aggregation controller fills the built-in roles a moment after the ClusterRoles appear.
+    wait_until(lambda: wrongly_answered(control_plane, people["editor"], edit_checks, namespace, allowed=True) == [],
+               30, "edit to include AdapterMerges")
+    wait_until(lambda: wrongly_answered(control_plane, people["viewer"], view_checks, namespace, allowed=True) == [],
+               30, "view to include AdapterMerges")
+    assert wrongly_answered(control_plane, people["viewer"], writes, namespace, allowed=False) == []
+    assert wrongly_answered(control_plane, people["editor"], status_writes, namespace, allowed=False) == []
+    assert wrongly_answered(control_plane, people["editor"], edit_checks, "any-other-namespace", allowed=False) == []

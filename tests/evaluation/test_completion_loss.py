@@ -3,11 +3,15 @@ batching: checked against an explicit log-softmax computed here, one unpadded ex
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from evaluation.tiny_lm import CODE, EOS, SQL, VOCAB, token_ids
 
-from merge_worker.evaluation import Scorer, encode, exact_match_rate, still_possible
+from merge_worker.evaluation import Scorer, Task, encode, exact_match_rate, generation_rows, still_possible
 from merge_worker.model_loading import load_causal_lm, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -99,6 +103,42 @@ def test_exact_match_equals_plain_greedy_decoding(tiny_store, adapter):
         assert 0 < hits < len(pairs)  # the comparison above saw both matches and misses
 
 
+def causal_lm_copy(adapter: Path, folder: Path) -> Path:
+    """The adapter saved as PEFT saves a causal-LM adapter (task_type CAUSAL_LM), which PEFT loads as
+    PeftModelForCausalLM: the wrapper that takes an adapter per row."""
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"task_type": "CAUSAL_LM"}))
+    return folder
+
+
+def test_mixed_batches_score_each_row_with_its_own_adapter(tiny_store, tmp_path):
+    """Rows of the bare base and of two adapters share batches (odd batch sizes split the tasks across
+    batches); each task's loss and exact-match rate equal those of its model loaded on its own."""
+    from peft import PeftModel, PeftModelForCausalLM
+
+    path = tiny_store / "models" / "tiny"
+    code = causal_lm_copy(tiny_store / "adapters" / "code", tmp_path / "code")
+    sql = causal_lm_copy(tiny_store / "adapters" / "sql", tmp_path / "sql")
+    tokenizer = load_tokenizer(path)
+    scorer = Scorer(load_causal_lm(path, "none", CPU).model, tokenizer, CPU, batch_size=5, max_new_tokens=8)
+    scorer.attach("code", code)
+    scorer.attach("sql", sql)
+    assert isinstance(scorer.model, PeftModelForCausalLM)
+    pairs = CODE + SQL
+    examples = [encode(tokenizer, p, c) for p, c in pairs]
+    tasks = [Task("base", examples), Task("code", examples, "code"), Task("sql", examples, "sql")]
+    losses, rates = scorer.losses(tasks), scorer.exact_matches(tasks)
+    for key, adapter in (("base", None), ("code", code), ("sql", sql)):
+        alone = load_causal_lm(path, "none", CPU).model
+        if adapter:
+            alone = PeftModel.from_pretrained(alone, adapter)
+        assert losses[key] == pytest.approx(hand_loss(alone, pairs), rel=1e-5), key
+        hits = sum(greedy_by_hand(alone, p, 8).strip() == c for p, c in pairs)
+        assert rates[key] == hits / len(pairs), key
+    assert losses["code"] != pytest.approx(losses["sql"], rel=1e-3)  # the rows really saw different adapters
+
+
 @pytest.mark.parametrize(
     ("generated", "expected", "possible"),
     [
@@ -114,3 +154,11 @@ def test_exact_match_equals_plain_greedy_decoding(tiny_store, adapter):
 )
 def test_generation_stops_only_once_a_match_is_impossible(generated, expected, possible):
     assert still_possible(generated, expected) is possible
+
+
+def test_generation_rows_fill_the_kv_cache_budget_on_a_gpu_only():
+    cuda = torch.device("cuda")
+    assert generation_rows(8, 160, CPU) == 8  # a CPU computes every row: batchSize
+    assert generation_rows(8, 160, cuda) == 256  # short rows: the row cap
+    assert generation_rows(8, 2048, cuda) == 32  # long rows: 65536 tokens of KV cache
+    assert generation_rows(8, 100_000, cuda) == 8  # never below batchSize

@@ -38,7 +38,7 @@ def test_command_mounts_each_claim_and_only_the_output_claim_is_writable(objects
     _, job = render(objects, settings)
     command = worker(job)["command"]
     assert command[:3] == ["adaptermerge", "run", "/etc/adaptermerge/adaptermerge.yaml"]
-    assert command[-4:] == ["--device", "auto", "--result-file", "/dev/termination-log"]
+    assert command[-6:] == ["--owner", "team/dev/uid-1234", "--device", "auto", "--result-file", "/dev/termination-log"]
     volume_args = {command[i + 1] for i, arg in enumerate(command) if arg == "--volume"}
     assert volume_args == {"store=/mnt/claims/store", "other-store=/mnt/claims/other-store"}
 

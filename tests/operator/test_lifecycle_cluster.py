@@ -51,18 +51,25 @@ def test_a_finished_merge_is_not_run_again_after_its_job_is_gone(control_plane, 
     assert condition(merge, "Reconciling")["status"] == "False"
 
 
-@pytest.mark.parametrize("job, api_says", [
-    ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "Unsupported value"),
+@pytest.mark.parametrize("job, api_says, crd_may_refuse", [
+    # The spec models check these at apply time now; if they did not, the API would refuse the Job.
+    ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "Unsupported value", True),
     ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}},
-     "nodeSelectorTerms"),
-    ({"resources": {"requests": {"example.com/fpga": "1"}}}, "Limit must be set"),  # extended resource, no limit
-])
-def test_a_job_the_api_refuses_fails_at_once_with_its_message(control_plane, namespace, operator, claims, job, api_says):
+     "nodeSelectorTerms", True),
+    # Only the API server knows these: an extended resource in fractions, hugepages without cpu or memory.
+    ({"resources": {"requests": {"example.com/fpga": "500m"}, "limits": {"example.com/fpga": "500m"}}},
+     "must be an integer", False),
+    ({"resources": {"requests": {"hugepages-2Mi": "2Mi"}, "limits": {"hugepages-2Mi": "2Mi"}}},
+     "HugePages require cpu or memory", False),
+], ids=["toleration", "affinity", "fractional-extended-resource", "hugepages-alone"])
+def test_a_job_the_api_refuses_fails_at_once_with_its_message(control_plane, namespace, operator, claims, job,
+                                                               api_says, crd_may_refuse):
     claim = claims.make()
     applied = apply(control_plane, namespace, resource("refused", claim, job={"gpus": 0, **job}), check=False)
-    if applied.returncode != 0:  # the CRD caught it at apply time: as good, and it must name the field
+    if crd_may_refuse and applied.returncode != 0:  # caught at apply time: as good, and it names the field
         assert "spec.job" in applied.stderr, applied.stderr
         return
+    assert applied.returncode == 0, applied.stderr
     merge = wait_until(phase_is(control_plane, namespace, "refused", "Failed"), "phase Failed", operator, control_plane, 60)
     assert ready(merge)["reason"] == "JobRejected" and api_says in ready(merge)["message"]
     assert condition(merge, "Stalled")["status"] == "True"
@@ -230,3 +237,39 @@ def test_a_job_a_quota_forbids_is_reported_and_retried(control_plane, namespace,
 
     control_plane.kubectl("delete", "resourcequota", "no-jobs", "-n", namespace)
     wait_until(phase_is(control_plane, namespace, "quota", "Succeeded"), "the merge", operator, control_plane)
+
+
+def test_a_spec_edit_replaces_the_output_its_earlier_generation_wrote(control_plane, namespace, operator, claims):
+    """GitOps: generation 2 writes where generation 1 did; the worker knows the output is its own
+    resource's (--owner, recorded in the output's manifest) and replaces it."""
+    claim = claims.make()
+    apply(control_plane, namespace, resource("edited", claim))
+    wait_until(phase_is(control_plane, namespace, "edited", "Succeeded"), "generation 1", operator, control_plane)
+    weights = claims.path(claim, "merged", "edited", "adapter_model.safetensors")
+    first = weights.read_bytes()
+
+    edited = resource("edited", claim)
+    edited["spec"]["adapters"][0]["weight"] = 0.2
+    apply(control_plane, namespace, edited)
+    merge = wait_until(phase_is(control_plane, namespace, "edited", "Succeeded", generation=2), "generation 2",
+                       operator, control_plane)
+    assert ready(merge)["reason"] == "MergeSucceeded"
+    assert weights.read_bytes() != first, "generation 2's merge replaced generation 1's"
+
+
+def test_an_output_written_by_another_resource_is_never_touched(control_plane, namespace, operator, claims):
+    """The first resource is gone, so the operator's index no longer knows the output: the worker
+    finds another owner in the output's manifest and refuses (OutputConflict, not InvalidSpec)."""
+    claim = claims.make()
+    apply(control_plane, namespace, resource("writer", claim, output={"path": "merged/kept", "rank": 4}))
+    wait_until(phase_is(control_plane, namespace, "writer", "Succeeded"), "the first merge", operator, control_plane)
+    weights = claims.path(claim, "merged", "kept", "adapter_model.safetensors")
+    written = weights.read_bytes()
+    control_plane.kubectl("delete", "-n", namespace, "adaptermerge", "writer", "--wait=true", "--timeout=60s")
+
+    intruder = resource("intruder", claim, output={"path": "merged/kept", "rank": 4})
+    intruder["spec"]["adapters"][0]["weight"] = 0.2
+    apply(control_plane, namespace, intruder)
+    merge = wait_until(phase_is(control_plane, namespace, "intruder", "Failed"), "the refusal", operator, control_plane)
+    assert ready(merge)["reason"] == "OutputConflict"
+    assert weights.read_bytes() == written

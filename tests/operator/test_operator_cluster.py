@@ -66,12 +66,13 @@ def test_missing_adapter_fails_with_the_worker_message(control_plane, namespace,
 
 def test_spec_the_crd_cannot_check_fails_without_a_job(control_plane, namespace, operator, claims):
     claim = claims.make()
-    spec = resource("dupes", claim)
-    spec["spec"]["adapters"][1]["name"] = "a"  # duplicate adapter names: only the models know
+    spec = resource("both", claim)
+    # Weights per adapter (adapter a has one) and in parameters.weights at once: only the models know.
+    spec["spec"]["parameters"]["weights"] = [0.5, 0.5]
     apply(control_plane, namespace, spec)
 
-    merge = wait_until(phase_is(control_plane, namespace, "dupes", "Failed"), "phase Failed", operator, control_plane, 60)
-    assert ready(merge)["reason"] == "InvalidSpec" and ready(merge)["message"].startswith("spec.adapters[1].name")
+    merge = wait_until(phase_is(control_plane, namespace, "both", "Failed"), "phase Failed", operator, control_plane, 60)
+    assert ready(merge)["reason"] == "InvalidSpec" and ready(merge)["message"].startswith("spec.adapters[0].weight")
     assert jobs(control_plane, namespace) == []
     assert "Traceback" not in operator.log_file.read_text()
 

@@ -51,6 +51,8 @@ def test_defaults_without_any_variable():
     ("ADAPTERMERGE_DEFAULT_TOLERATIONS", '{"key": "gpu"}'),
     ("ADAPTERMERGE_WORKER_IMAGE_PULL_POLICY", "Sometimes"),
     ("ADAPTERMERGE_WORKER_RUN_AS_USER", "0"),
+    ("ADAPTERMERGE_METRICS_PORT", "70000"),
+    ("ADAPTERMERGE_METRICS_PORT", "http"),
 ])
 def test_bad_settings_name_the_variable(name, value):
     with pytest.raises(SettingsError, match=name):

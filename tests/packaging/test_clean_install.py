@@ -1,5 +1,6 @@
 """`pip install .` without extras, in a clean venv, at the lock's versions: `adaptermerge --version`
-works, and torch is not there (the base install is the torch-free CLI front and the operator's deps).
+works, torch is not there (the base install is the torch-free CLI front and the operator's deps), and
+`adaptermerge validate` of the demo spec checks a folder without it (exit 0 valid, 2 invalid).
 Needs PyPI (pip fetches the base dependencies and the build backend), as scripts/bootstrap.sh does."""
 
 from __future__ import annotations
@@ -81,3 +82,35 @@ def test_license_ships_with_the_distribution(clean_venv: Path):
     licenses = list(clean_venv.glob("lib/python*/site-packages/adaptermerge-*.dist-info/licenses/LICENSE"))
     assert licenses, "LICENSE is not in the installed distribution"
     assert "Apache License" in licenses[0].read_text() and "Version 2.0, January 2004" in licenses[0].read_text()
+
+
+# -- `validate` of the demo spec, without torch (docs/cli.md: exit 0 valid, 2 invalid input) ---------
+
+DEMO_SPEC = REPO / "examples" / "demo" / "dev-assistant.yaml"
+
+
+def validate_demo(venv: Path, store: Path) -> subprocess.CompletedProcess:
+    return run_in(venv, str(venv / "bin" / "adaptermerge"), "validate", str(DEMO_SPEC), "--volume", f"store={store}")
+
+
+def test_validate_refuses_an_empty_folder_with_the_path(clean_venv: Path, tmp_path: Path):
+    done = validate_demo(clean_venv, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "spec." in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == [], "validate wrote into the volume"
+
+
+def test_validate_passes_the_demo_store(clean_venv: Path, tmp_path: Path):
+    """The demo's own store (scripts/prepare-smollm2.py and examples/demo/make-store.sh, run with the
+    test venv's torch): the torch-free install checks every input of it and finds it valid."""
+    model = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare-smollm2.py")],
+                           capture_output=True, text=True)
+    assert model.returncode == 0, model.stderr[-3000:]
+    store = tmp_path / "store"
+    made = subprocess.run([str(REPO / "examples" / "demo" / "make-store.sh"), str(store),
+                           model.stdout.strip().splitlines()[-1]], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    done = validate_demo(clean_venv, store)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "valid: 3 adapters" in done.stdout
+    assert not (store / "merged").exists()

@@ -39,12 +39,26 @@ def test_reads_factors_and_scales(store):
 
 def test_rank_pattern_does_not_leak_to_similar_names(store):
     # "layers.1.self_attn.q_proj" must not match layer 11 or a name merely containing it.
-    from merge_worker.adapter_io import pattern_value
+    from merge_worker.inputs.patterns import first_matches
 
-    pattern = {"layers.1.self_attn.q_proj": 2}
-    assert pattern_value(pattern, "model.layers.1.self_attn.q_proj", 8) == 2
-    assert pattern_value(pattern, "model.layers.11.self_attn.q_proj", 8) == 8
-    assert pattern_value(pattern, "model.xlayers.1.self_attn.q_proj", 8) == 8
+    modules = ["model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
+               "model.xlayers.1.self_attn.q_proj"]
+    assert list(first_matches(["layers.1.self_attn.q_proj"], modules).values()) == [0, None, None]
+
+
+@pytest.mark.parametrize("keys", [
+    ["q_proj", "layers.1.self_attn.q_proj"], ["layers.1.self_attn.q_proj", "q_proj"], ["o_proj", "v_proj"],
+    ["layers\\.[13]\\..*", "proj"], ["^model.layers.0.self_attn.q_proj", "self_attn.q_proj"], ["x-y", "q_pro"],
+])
+def test_pattern_keys_match_as_peft_matches_them(keys):
+    from peft.utils.other import get_pattern_key
+
+    from merge_worker.inputs.patterns import first_matches
+
+    modules = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1, 3, 11) for m in ("q_proj", "v_proj", "o_proj")]
+    for module, index in first_matches(keys, modules).items():
+        peft_key = get_pattern_key(keys, module)  # PEFT returns the name itself when no key matches
+        assert (keys[index] if index is not None else module) == peft_key, module
 
 
 def test_non_rslora_scale_and_modules_to_save(store):

@@ -187,6 +187,7 @@ GOOD_SPEC = ("spec:\n  volume: {claimName: store}\n  adapters: [{name: a, path: 
     (HEAD + "spec: " + "{a: " * 200 + "1" + "}" * 200 + "\n", "nested deeper"),
     (HEAD.replace("metadata: {name: x}", 'metadata: {name: "x\\0y"}') + GOOD_SPEC, "control character"),
     (HEAD + GOOD_SPEC.replace("path: adapters/a", 'path: "adapters/a\\0"'), "control character"),
+    (HEAD + GOOD_SPEC.replace("path: adapters/a", 'path: "adapters/a\\n"'), "control character"),
     (b"apiVersion: adaptermerge.io/v1alpha1\x00\n", "malformed YAML"),
     (HEAD + "spec:\n  job:\n    resources:\n      a: &a [x, x, x, x, x, x, x, x, x]\n      b: &b [*a, *a, *a, *a, *a]\n"
      "      c: [*b, *b, *b, *b, *b, *b]\n", "aliases"),

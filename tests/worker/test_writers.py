@@ -72,3 +72,39 @@ def test_sharded_merged_model_loads_with_new_dtype(tiny_inputs, tmp_path):
     assert torch.equal(state["lm_head.weight"], head.to(torch.bfloat16))
     v = "model.layers.1.self_attn.v_proj.weight"
     assert torch.equal(state[v], base.get(v).to(torch.bfloat16))
+
+
+def test_merged_model_in_the_base_dtype_copies_unmerged_tensors_byte_for_byte(tiny_inputs, tmp_path):
+    """Same dtype in and out: untouched tensors take the file-to-file copy, merged ones W + delta; with
+    shards small enough that several threads write side by side."""
+    from safetensors import safe_open
+
+    base = BaseWeights(tiny_inputs / "models" / "tiny")
+    module = "model.layers.1.mlp.down_proj"
+    out_f, in_f = base.shape(f"{module}.weight")
+    delta = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(3))
+    out = tmp_path / "merged"
+    files = write_merged_model(out, base, {module: "linear"}, lambda _: delta, {}, dtype=base.dtype(),
+                               max_shard_bytes=20_000, threads=4)
+    assert len(files) > 4
+    written = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            written |= {name: f.get_tensor(name) for name in f.keys()}
+    assert set(written) == set(base.names())
+    for name in base.names():
+        expected = base.get(name) + delta if name == f"{module}.weight" else base.get(name)
+        assert written[name].dtype == base.get(name).dtype and torch.equal(written[name], expected), name
+
+
+def test_merged_model_failure_leaves_no_weight_file(tiny_inputs, tmp_path):
+    base = BaseWeights(tiny_inputs / "models" / "tiny")
+    module = "model.layers.1.self_attn.v_proj"
+
+    def broken(_: str) -> torch.Tensor:
+        raise RuntimeError("merge failed")
+
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError, match="merge failed"):
+        write_merged_model(out, base, {module: "linear"}, broken, {}, dtype=torch.bfloat16, max_shard_bytes=20_000)
+    assert not list(out.glob("*.safetensors"))

@@ -88,6 +88,12 @@ messages from, the events it posts, and kopf's namespaced peering objects.
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
+{{- if and .Values.policy.enabled .Values.policy.claims.matchLabels }}
+# The tenant policy's claim labels: the operator reads each claim a merge uses before its Job.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+{{- end }}
 {{- end -}}
 
 {{/* In cluster-wide mode kopf watches CRDs to learn when the served resource appears or changes. With

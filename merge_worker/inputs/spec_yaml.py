@@ -1,7 +1,8 @@
 """Loads the AdapterMerge YAML file into plain data, refusing what YAML allows but a spec never needs:
 aliases (`*name`, the tool of "billion laughs" bombs: a few lines that expand to gigabytes when
 validated or dumped), nesting deeper than MAX_SPEC_DEPTH (recursion in the parser and validators), NUL
-and other control characters in strings, and files over MAX_SPEC_BYTES. Each refusal is a SpecError
+and other control characters in strings (line breaks too, outside metadata), and files over
+MAX_SPEC_BYTES. Each refusal is a SpecError
 naming the file (and line, where YAML knows it).
 """
 
@@ -69,20 +70,21 @@ def load_spec_document(path: Path) -> Any:
     return documents[0]
 
 
-def _check_strings(value: Any, path: str, where: str = "") -> None:
-    """NUL and other control characters (tab and newline aside) in any key or value are refused: they
-    would end up in paths, names and messages."""
+def _check_strings(value: Any, path: str, where: str = "", whitespace: str = "") -> None:
+    """NUL and other control characters in any key or value are refused: they would end up in paths,
+    names and messages. Only metadata (annotations may hold text) keeps tab, newline and return."""
     if isinstance(value, str):
-        if any(ord(c) < 32 and c not in "\t\n\r" or c == "\x7f" for c in value):
-            raise SpecError(where or path, "holds a control character (such as NUL)")
+        if any((ord(c) < 32 or c == "\x7f") and c not in whitespace for c in value):
+            raise SpecError(where or path, "holds a control character (such as NUL or a line break)")
     elif isinstance(value, dict):
         for key, item in value.items():
             name = f"{where}.{key}" if where else str(key)
-            _check_strings(key, path, where or path)
-            _check_strings(item, path, name if str(key).isprintable() else where or path)
+            text = whitespace or ("\t\n\r" if not where and key in ("metadata", "status") else "")
+            _check_strings(key, path, where or path, whitespace)
+            _check_strings(item, path, name if str(key).isprintable() else where or path, text)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _check_strings(item, path, f"{where}[{i}]")
+            _check_strings(item, path, f"{where}[{i}]", whitespace)
 
 
 def _first_line(text: str) -> str:
