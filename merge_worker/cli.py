@@ -152,11 +152,16 @@ def _run_and_report(args: argparse.Namespace) -> int:
         owner = _owner(args.owner)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        if spec.search is not None:
-            from merge_worker.search.runner import run_search as run
-        else:
-            from merge_worker.run import run_merge as run
-        outcome = run(spec, volumes, device=args.device, owner=owner, spec_file=args.file)
+        from merge_worker.storage.staging import staged
+
+        with staged(spec, volumes) as stage:  # s3:// sources downloaded, an s3:// output pushed
+            if stage.spec.search is not None:
+                from merge_worker.search.runner import run_search as run
+            else:
+                from merge_worker.run import run_merge as run
+            outcome = run(stage.spec, stage.volumes, device=args.device, owner=owner, spec_file=args.file,
+                          provenance=stage.provenance)
+            stage.publish(outcome)
     except SpecError as exc:
         _error(str(exc))
         return report(EXIT_INVALID, str(exc), field=exc.field, reason=getattr(exc, "reason", None))
@@ -191,12 +196,15 @@ def _validate(args: argparse.Namespace) -> int:
             check_result_file(args.result_file)
         spec = load_spec_file(args.file)
         volumes = Volumes.from_args(args.volume)
-        inputs = load_inputs(spec, volumes, owner=_owner(args.owner), spec_file=args.file)
+        from merge_worker.storage.staging import staged
+
+        with staged(spec, volumes) as stage:  # s3:// sources are downloaded to a scratch folder and checked
+            inputs = load_inputs(stage.spec, stage.volumes, owner=_owner(args.owner), spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
         return EXIT_INVALID
     print(f"{args.file}: valid: {len(inputs.adapters)} adapters, {len(inputs.plan)} modules, "
-          f"method {spec.method}, output {spec.output.format} at {inputs.output_path}")
+          f"method {spec.method}, output {spec.output.format} at {spec.output.uri or inputs.output_path}")
     return EXIT_OK
 
 

@@ -170,10 +170,10 @@ class Outcome:
 
 def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto", print_out: Log = print,
               tty: bool | None = None, owner: Owner | None = None, spec_file: Path | None = None,
-              search: dict[str, Any] | None = None) -> Outcome:
+              provenance: dict[str, Any] | None = None) -> Outcome:
     """Runs a validated spec. Raises SpecError for bad input (nothing written); other exceptions are
-    failures (nothing left behind either). `search`: the record of the search that chose this spec's
-    method and parameters (merge_worker.search), kept in the manifest."""
+    failures (nothing left behind either). provenance: manifest keys that replace what the spec
+    describes (the spec as written and the s3:// sources, merge_worker/storage/staging.py)."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     inputs = load_inputs(spec, volumes, owner=owner, spec_file=spec_file)
@@ -191,7 +191,7 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     digests = FileDigests(_input_files(inputs))
     try:
         slot.open()
-        records, evaluation, manifest = _build(inputs, slot.tmp, torch_device, timings, tty, digests, search)
+        records, evaluation, manifest = _build(inputs, slot.tmp, torch_device, timings, tty, digests, provenance)
         passed = evaluation is None or bool(evaluation.get("passed"))
         published = passed or spec.evaluation.publish_below_threshold
         if published:
@@ -247,7 +247,7 @@ def _discard(slot: OutputSlot, created: list[Path]) -> None:
 
 
 def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, float], tty: bool | None,
-           digests: FileDigests, search: dict[str, Any] | None = None):
+           digests: FileDigests, provenance: dict[str, Any] | None = None):
     spec = inputs.spec
     params = merge_params(spec)
     start = time.monotonic()
@@ -271,8 +271,7 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
         device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
         evaluation=evaluation, owner=None if inputs.owner is None else inputs.owner.to_json(),
     )
-    if search is not None:
-        manifest["search"] = search
+    manifest.update(provenance or {})
     write_manifest(tmp, manifest)
     return records, evaluation, manifest
 

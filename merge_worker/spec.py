@@ -108,12 +108,50 @@ class VolumeRef(_Model):
     """Name of a PersistentVolumeClaim in the resource's namespace."""
 
 
-class PathRef(_Model):
-    """A file or folder on a claim; `claimName` defaults to `spec.volume.claimName`."""
+# An S3 object or prefix: s3://bucket/key. Bucket names follow S3's rules; the key may not climb with '..'
+# (its objects land under the run's scratch folder, named by their key below the prefix).
+def _s3_uri(value: str) -> str:
+    bucket, _, key = value.removeprefix("s3://").partition("/")
+    if ".." in key.split("/"):
+        raise ValueError(f"{value!r}: the key may not contain '..' components")
+    return value
 
-    path: RelPath
+
+S3Uri = Annotated[
+    str,
+    StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f]*)?$", max_length=1024),
+    AfterValidator(_s3_uri),
+    Field(
+        description="s3://bucket/prefix in the S3-compatible store spec.storage names (docs/storage.md).",
+        json_schema_extra=_cel(
+            ("!self.split('/').exists(p, p == '..')", "the key may not contain '..' components")
+        ),
+    ),
+]
+
+
+class PathRef(_Model):
+    """A file or folder on a claim (`path`; `claimName` defaults to `spec.volume.claimName`), or in an
+    S3-compatible bucket (`uri`). Exactly one of path and uri."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(("has(self.path) != has(self.uri)", "give exactly one of path and uri"))
+    )
+
+    path: RelPath | None = None
+    """Path on the claim; or give uri instead."""
     claim_name: ClaimName | None = None
     """PersistentVolumeClaim holding the path; defaults to spec.volume.claimName."""
+    uri: S3Uri | None = None
+    """s3://bucket/prefix (a folder) or s3://bucket/key (a file) instead of path (docs/storage.md)."""
+
+    @model_validator(mode="after")
+    def _path_or_uri(self) -> PathRef:
+        if (self.path is None) == (self.uri is None):
+            raise ValueError("give exactly one of path and uri")
+        if self.uri is not None and self.claim_name is not None:
+            raise ValueError("claimName applies to path, not to uri")
+        return self
 
 
 class BaseModelSpec(PathRef):
@@ -311,6 +349,20 @@ class Search(_Model):
     the final evaluation scores (docs/search.md)."""
 
 
+class Storage(_Model):
+    """Where the s3:// URIs of the spec live and how the worker reaches them (docs/storage.md)."""
+
+    endpoint: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/.*)?$", max_length=1024)] | None = None
+    """URL of an S3-compatible endpoint; unset: AWS S3 (or AWS_ENDPOINT_URL)."""
+    region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] | None = None
+    """Region of the buckets; unset: us-east-1 (or AWS_REGION)."""
+    credentials_secret: Name | None = None
+    """Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) the Job's worker gets as environment;
+    the operator never reads it. The local CLI takes credentials from its environment instead."""
+    max_download_bytes: int = Field(default=256 << 30, ge=1)
+    """Refuse to download more than this many bytes in all (default 256 GiB)."""
+
+
 class AdapterMergeSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -331,7 +383,8 @@ class AdapterMergeSpec(_Model):
                 "parameters.weights needs one weight per adapter",
             ),
             (
-                "has(self.volume) || (has(self.output.claimName) && self.adapters.all(a, has(a.claimName)))",
+                "has(self.volume) || ((has(self.output.claimName) || has(self.output.uri))"
+                " && self.adapters.all(a, has(a.claimName) || has(a.uri)))",
                 "every path needs a claimName, or set spec.volume",
             ),
             ("!has(self.search) || has(self.evaluation)", "search needs spec.evaluation to score candidates"),
@@ -340,6 +393,8 @@ class AdapterMergeSpec(_Model):
 
     volume: VolumeRef | None = None
     """Default claim for every path that names none."""
+    storage: Storage | None = None
+    """Endpoint, region and credentials of the s3:// URIs; unset: AWS defaults (docs/storage.md)."""
     base_model: BaseModelSpec | None = None
     """The base model; needed for evaluation and for output format merged-model."""
     # The bound (far above any real merge) also lets the API server estimate the cost of the CRD's
@@ -394,14 +449,9 @@ class AdapterMergeSpec(_Model):
         for i, a in enumerate(self.adapters):
             if a.weight is not None and not math.isfinite(a.weight):
                 raise _FieldError(f"adapters[{i}].weight", "must be a finite number")
-        refs = [("output", self.output)] + [(f"adapters[{i}]", a) for i, a in enumerate(self.adapters)]
-        if self.base_model:
-            refs.append(("baseModel", self.base_model))
-        if self.evaluation:
-            refs += [(f"evaluation.datasets[{i}]", d) for i, d in enumerate(self.evaluation.datasets)]
         if self.volume is None:
-            for where, ref in refs:
-                if ref.claim_name is None:
+            for where, ref in self.refs():
+                if ref.claim_name is None and ref.uri is None:
                     raise _FieldError(f"{where}.claimName", "no claimName and no spec.volume to default to")
         if self.evaluation:
             seen: list[str] = []
@@ -462,15 +512,22 @@ class AdapterMergeSpec(_Model):
     def claim_of(self, ref: PathRef) -> str:
         return ref.claim_name or self.volume.claim_name  # type: ignore[union-attr]
 
+    def refs(self) -> list[tuple[str, PathRef]]:
+        """Every path or uri the spec names, with its field under spec (the output first)."""
+        refs: list[tuple[str, PathRef]] = [("output", self.output)]
+        refs += [(f"adapters[{i}]", a) for i, a in enumerate(self.adapters)]
+        if self.base_model:
+            refs.append(("baseModel", self.base_model))
+        if self.evaluation:
+            refs += [(f"evaluation.datasets[{i}]", d) for i, d in enumerate(self.evaluation.datasets)]
+        return refs
+
     def claims(self) -> dict[str, bool]:
         """Every claim the spec touches -> whether it must be writable (only the output's is)."""
-        refs: list[PathRef] = [*self.adapters, self.output]
-        if self.base_model:
-            refs.append(self.base_model)
-        if self.evaluation:
-            refs += self.evaluation.datasets
         claims: dict[str, bool] = {}
-        for ref in refs:
+        for _, ref in self.refs():
+            if ref.uri is not None:
+                continue
             claims[self.claim_of(ref)] = claims.get(self.claim_of(ref), False) or ref is self.output
         return claims
 

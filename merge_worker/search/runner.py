@@ -66,8 +66,10 @@ def objective(spec: AdapterMergeSpec, retentions: dict[str, float | None]) -> fl
 
 
 def run_search(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto", print_out: Log = print,
-               tty: bool | None = None, owner: Owner | None = None, spec_file: Path | None = None) -> Outcome:
-    """Searches, then writes the best candidate like a plain merge. SpecError: bad input, nothing written."""
+               tty: bool | None = None, owner: Owner | None = None, spec_file: Path | None = None,
+               provenance: dict[str, Any] | None = None) -> Outcome:
+    """Searches, then writes the best candidate like a plain merge (its manifest adds `provenance` and the
+    search record). SpecError: bad input, nothing written."""
     started = time.monotonic()
     search = spec.search
     assert search is not None and spec.evaluation is not None
@@ -136,7 +138,7 @@ def run_search(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto"
                                                             "score": best.trial_score()},
               "trials": [t.record() for t in trials], "skipped": skipped}
     outcome = run_merge(chosen, volumes, device=device, print_out=print_out, tty=tty, owner=owner,
-                        spec_file=spec_file, search=record)
+                        spec_file=spec_file, provenance={**(provenance or {}), "search": record})
     outcome.result["search"] = {"best": best.candidate.as_dict(), "score": best.trial_score(),
                                 "trials": len(trials)}
     print_out(f"search: {len(trials)} trials in {search_seconds:.1f} s; best {best.candidate.describe()}"

@@ -1,0 +1,66 @@
+"""Pushes a finished output folder to s3://bucket/prefix so that readers never see half an output.
+
+The output's manifest (merge-manifest.json) is the commit mark: it is deleted first when an output is
+replaced, the other files are uploaded, objects of the old output that the new one lacks are deleted,
+and the manifest is uploaded last. A reader that finds the manifest object finds the complete output
+it describes; without it, the prefix holds no output (docs/storage.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from merge_worker.manifest import MANIFEST_FILE
+from merge_worker.spec import SpecError
+from merge_worker.storage.client import split_uri, storage_error
+
+OUTPUT_FIELD = "spec.output.uri"
+
+
+def _prefix(uri: str) -> tuple[str, str]:
+    bucket, key = split_uri(uri)
+    return bucket, key.rstrip("/") + "/" if key.strip("/") else ""
+
+
+def existing_keys(client: Any, uri: str) -> list[str]:
+    bucket, prefix = _prefix(uri)
+    keys = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+    except Exception as exc:  # noqa: BLE001
+        raise storage_error(exc, OUTPUT_FIELD, uri) or exc from None
+    return keys
+
+
+def check_destination(client: Any, uri: str, overwrite: bool) -> None:
+    """Before anything is merged: an existing output is replaced only with overwrite (exit 2 otherwise)."""
+    if existing_keys(client, uri) and not overwrite:
+        raise SpecError(OUTPUT_FIELD, f"{uri} already holds objects; set spec.output.overwrite: true to"
+                                      " replace them")
+
+
+def push(client: Any, folder: Path, uri: str) -> list[str]:
+    """Uploads every file of `folder` under the prefix, the manifest last; returns the keys written."""
+    bucket, prefix = _prefix(uri)
+    old = set(existing_keys(client, uri))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        raise RuntimeError(f"{folder} has no {MANIFEST_FILE}; refusing to publish an uncommitted output")
+    try:
+        if prefix + MANIFEST_FILE in old:
+            client.delete_object(Bucket=bucket, Key=prefix + MANIFEST_FILE)
+        written = []
+        for path in files:
+            if path != manifest:
+                key = prefix + path.relative_to(folder).as_posix()
+                client.upload_file(str(path), bucket, key)
+                written.append(key)
+        for key in sorted(old - set(written) - {prefix + MANIFEST_FILE}):
+            client.delete_object(Bucket=bucket, Key=key)
+        client.upload_file(str(manifest), bucket, prefix + MANIFEST_FILE)
+    except Exception as exc:  # noqa: BLE001
+        raise storage_error(exc, OUTPUT_FIELD, uri) or exc from None
+    return written + [prefix + MANIFEST_FILE]
