@@ -48,16 +48,22 @@ class Context:
     pods: Mapping[str, Iterable[Mapping[str, Any]]]
     outputs: Mapping[str, Iterable[outputs.OutputClaim]] = field(default_factory=dict)
 
-    def jobs_of(self, uid: str) -> list[Mapping[str, Any]]:
-        return list(self.jobs.get(uid, ()))
+    def jobs_of(self, merge: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The resource's Jobs: indexed by the uid they name, kept only in the resource's namespace."""
+        return self._in_namespace(self.jobs, merge)
 
-    def pods_of(self, uid: str) -> list[Mapping[str, Any]]:
-        return list(self.pods.get(uid, ()))
+    def pods_of(self, merge: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        return self._in_namespace(self.pods, merge)
+
+    @staticmethod
+    def _in_namespace(index: Mapping[str, Iterable[Mapping[str, Any]]], merge: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        meta = merge["metadata"]
+        return [o for o in index.get(meta["uid"], ()) if o["metadata"].get("namespace") == meta["namespace"]]
 
     def run_job(self, merge: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The current run's Job, if the index has it."""
         run = names.run_name(merge)
-        return next((j for j in self.jobs_of(merge["metadata"]["uid"]) if j["metadata"]["name"] == run), None)
+        return next((j for j in self.jobs_of(merge) if j["metadata"]["name"] == run), None)
 
 
 async def _create_owned(ctx: Context, obj: dict[str, Any], uid: str) -> bool:
@@ -81,7 +87,7 @@ async def retire_superseded(ctx: Context, merge: Mapping[str, Any]) -> None:
     """Deletes the Jobs (and their pods and ConfigMaps) of every run but the current one."""
     meta = merge["metadata"]
     run = names.run_name(merge)
-    for job in ctx.jobs_of(meta["uid"]):
+    for job in ctx.jobs_of(merge):
         name = job["metadata"]["name"]
         if name == run or job["metadata"].get("deletionTimestamp"):
             continue
@@ -171,7 +177,7 @@ async def refresh_status(
         if merge is None or merge["metadata"]["uid"] != uid:
             return True  # deleted (or replaced by a new resource of that name, which has its own events)
         observed_at = now()
-        desired = status.desired_status(merge, ctx.jobs_of(uid), ctx.pods_of(uid), observed_at, facts)
+        desired = status.desired_status(merge, ctx.jobs_of(merge), ctx.pods_of(merge), observed_at, facts)
         previous = status.own_status(merge.get("status"))
         if desired != previous:
             kept = {k: v for k, v in (merge.get("status") or {}).items() if k not in status.OWN_KEYS}
@@ -215,7 +221,7 @@ async def check_stuck_run(ctx: Context, merge: Mapping[str, Any]) -> None:
     if job is None or (job.get("spec") or {}).get("suspend") or status.judge_job_finished(job):
         return
     meta = merge["metadata"]
-    job_pods = status.pods_of(job["metadata"]["name"], ctx.pods_of(meta["uid"]))
+    job_pods = status.pods_of(job, ctx.pods_of(merge))
     facts = status.Facts()
     if not job_pods and job["metadata"].get("uid"):
         events = await ctx.api.run(ctx.api.pod_creation_failures, meta["namespace"], job["metadata"]["uid"])

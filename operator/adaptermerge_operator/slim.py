@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-_META = ("name", "namespace", "uid", "labels", "creationTimestamp", "deletionTimestamp", "finalizers")
+_META = ("name", "namespace", "uid", "labels", "ownerReferences", "creationTimestamp", "deletionTimestamp", "finalizers")
 # Pod conditions status.py reads: why a pod waits for a node, and whether the cluster stopped it.
 _POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 

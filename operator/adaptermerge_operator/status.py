@@ -89,13 +89,22 @@ def _seconds(timestamp: str) -> float:
     return calendar.timegm(time.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S"))
 
 
-def pods_of(job_name: str, pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The Job's pods, oldest first."""
-    def job_of(pod: Mapping[str, Any]) -> str | None:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        return labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+def pods_of(job: Mapping[str, Any] | None, pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The Job's pods, oldest first. Labels can be copied onto any pod by anyone who may create pods (in
+    any namespace), so a pod counts only when the Job is its controller (by uid) in the Job's namespace:
+    a forged pod cannot put its termination message into someone's status."""
+    if job is None:
+        return []
+    meta = job.get("metadata") or {}
 
-    mine = [p for p in pods if job_of(p) == job_name]
+    def belongs(pod: Mapping[str, Any]) -> bool:
+        pod_meta = pod.get("metadata") or {}
+        labels = pod_meta.get("labels") or {}
+        job_name = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+        return (job_name == meta.get("name") and pod_meta.get("namespace") == meta.get("namespace")
+                and meta.get("uid") is not None and names.controller_uid(pod) == meta.get("uid"))
+
+    mine = [p for p in pods if belongs(p)]
     return sorted(mine, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
 
 
@@ -115,6 +124,12 @@ def _last_line(text: str) -> str:
 
 
 def _failure(job: Mapping[str, Any], failed: Mapping[str, Any], report: dict | None, raw: str) -> Verdict:
+    if report and report.get("exitCode") == 0 and report.get("published") is not False:
+        # The worker finished and published before the Job controller stopped it (a deadline that
+        # ran out during the pod's exit): the output is there, so the merge did succeed.
+        why = failed.get("reason") or "Failed"
+        return Verdict("Succeeded", "MergeSucceeded",
+                       f"{report.get('message') or 'merged'} (the Job was then marked {why}, after the worker had finished)")
     if failed.get("reason") == "DeadlineExceeded":
         deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
         return Verdict("Failed", "DeadlineExceeded", f"the merge ran longer than activeDeadlineSeconds={deadline}")
@@ -315,8 +330,10 @@ def desired_status(
             "conditions": conditions(verdict, generation, before, now),
         }
     run = names.run_name(merge)
-    job = next((j for j in jobs if j["metadata"]["name"] == run), None)
-    job_pods = pods_of(run, pods)
+    # A Job counts only in the resource's own namespace (an owner reference can name any uid).
+    job = next((j for j in jobs if j["metadata"]["name"] == run
+                and j["metadata"].get("namespace") == meta["namespace"]), None)
+    job_pods = pods_of(job, pods)
     report, raw = worker_report(job_pods)
     late_result = report is not None and job is not None and not previous.get("result")
     if is_finished(previous, run) and not late_result:

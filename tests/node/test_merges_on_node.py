@@ -54,10 +54,12 @@ class Release:
     def merge(self, name: str) -> dict:
         return self.plane.get_json("adaptermerge", name, namespace=self.namespace)
 
-    def wait_phase(self, name: str, phase: str, timeout: float = MERGE_TIMEOUT) -> dict:
+    def wait_phase(self, name: str, phase: str | tuple[str, ...], timeout: float = MERGE_TIMEOUT) -> dict:
+        phases = (phase,) if isinstance(phase, str) else phase
+
         def reached():
             merge = self.merge(name)
-            return merge if (merge.get("status") or {}).get("phase") == phase else None
+            return merge if (merge.get("status") or {}).get("phase") in phases else None
         try:
             return wait_until(reached, timeout, f"AdapterMerge {name} to reach {phase}", interval=1)
         except TimeoutError as error:
@@ -176,8 +178,7 @@ def test_a_merge_past_its_deadline_is_stopped_by_the_kubelet(release):
     # Two seconds: the Job controller deletes the pod while the worker is still starting; the kubelet
     # must stop it before it publishes anything.
     release.apply("late", job={"gpus": 0, "activeDeadlineSeconds": 2})
-    merge = release.wait_phase("late", "Failed", timeout=180)
-    assert ready(merge)["reason"] == "DeadlineExceeded", ready(merge)
+    merge = release.wait_phase("late", ("Failed", "Succeeded"), timeout=180)
     job = release.plane.get_json("job", merge["status"]["jobName"], namespace=release.namespace)
     seen: list[dict] = []
 
@@ -193,6 +194,12 @@ def test_a_merge_past_its_deadline_is_stopped_by_the_kubelet(release):
     # MergeSucceeded in 0.08 s, then exit 143). What must never happen is a publish after the Job failed
     # (a lost SIGTERM let the merge run on); the condition's time has one-second resolution.
     manifest = release.disk / "merged" / "late" / "merge-manifest.json"
+    merge = release.merge("late")
+    if merge["status"]["phase"] == "Succeeded":
+        # The worker's own summary says it published: the status says so, and why the Job failed.
+        assert manifest.exists() and "DeadlineExceeded" in ready(merge)["message"], ready(merge)
+    else:
+        assert ready(merge)["reason"] == "DeadlineExceeded", ready(merge)
     if manifest.exists():
         failed_at = min(datetime.fromisoformat(c["lastTransitionTime"].replace("Z", "+00:00")).timestamp()
                         for c in job["status"]["conditions"] if c["type"] in ("FailureTarget", "Failed"))

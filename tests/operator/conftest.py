@@ -47,7 +47,8 @@ def merge_resource(spec: dict | None = None, *, name: str = "dev", generation: i
 def job_object(name: str = "dev-1", *, conditions: list[dict] | None = None, suspend: bool = False,
                labels: dict | None = None, **status: Any) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "labels": {names.LABEL_GENERATION: name.rsplit("-", 1)[-1], **(labels or {})}},
+        "metadata": {"name": name, "namespace": "team", "uid": f"job-uid-{name}",
+                     "labels": {names.LABEL_GENERATION: name.rsplit("-", 1)[-1], **(labels or {})}},
         "spec": {"suspend": suspend, "activeDeadlineSeconds": 60},
         "status": {"conditions": conditions or [], **status},
     }
@@ -58,9 +59,14 @@ def condition(type_: str, reason: str = "", message: str = "", at: str = "2030-0
 
 
 def pod_object(job: str = "dev-1", *, name: str = "dev-1-abcde", phase: str = "Pending", created: str = "2030-01-01T00:00:00Z",
-               state: dict | None = None, conditions: list[dict] | None = None) -> dict[str, Any]:
+               state: dict | None = None, conditions: list[dict] | None = None,
+               namespace: str = "team", controller_uid: str | None = None) -> dict[str, Any]:
+    """A pod the Job controller made for Job `job` (its controller reference names the Job's uid)."""
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job, "uid": controller_uid or f"job-uid-{job}",
+             "controller": True}
     return {
-        "metadata": {"name": name, "labels": {"job-name": job}, "creationTimestamp": created},
+        "metadata": {"name": name, "namespace": namespace, "labels": {"job-name": job}, "creationTimestamp": created,
+                     "ownerReferences": [owner]},
         "status": {
             "phase": phase,
             "conditions": conditions or [],

@@ -63,8 +63,8 @@ def context(api, settings, jobs=(), pods=()):
     return reconcile.Context(api=api, settings=settings, jobs={"uid-1234": list(jobs)}, pods={"uid-1234": list(pods)})
 
 
-def job_in_index(name, generation):
-    return {"metadata": {"name": name, "labels": {names.LABEL_GENERATION: str(generation)},
+def job_in_index(name, generation, namespace="team"):
+    return {"metadata": {"name": name, "namespace": namespace, "labels": {names.LABEL_GENERATION: str(generation)},
                          "finalizers": [names.FINALIZER]}, "status": {}}
 
 
@@ -137,3 +137,12 @@ def test_status_of_a_replaced_resource_is_left_alone(objects, settings, events):
     api = FakeApi(objects.merge())
     asyncio.run(reconcile.refresh_status(context(api, settings), "team", "dev", "uid-of-a-deleted-one"))
     assert api.calls == []
+
+
+def test_a_job_in_another_namespace_naming_this_uid_is_not_adopted(objects, settings, events):
+    """The index is keyed by the uid a Job's labels and owner reference name, which anyone who may create
+    Jobs can copy; one in another namespace is never taken for this resource's run."""
+    api = FakeApi()
+    forged = job_in_index("dev-1", 1, namespace="elsewhere")
+    assert asyncio.run(reconcile.ensure_job(context(api, settings, jobs=[forged]), objects.merge()))
+    assert api.calls == ["create ConfigMap dev-1", "create Job dev-1"]

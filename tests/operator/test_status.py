@@ -55,6 +55,47 @@ def test_pods_of_other_jobs_are_ignored(objects):
     assert result["phase"] == "Pending"
 
 
+def test_forged_pods_cannot_speak_for_the_job(objects):
+    """Anyone who may create pods can copy a worker pod's labels; only a pod whose controller is this
+    Job (by uid), in its namespace, is read."""
+    lie = objects.summary(0, "merged by a forger", retention={"python": 1.0})
+    job = objects.job(conditions=[objects.condition("Complete")])
+    honest = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "merged")))
+    forged = [
+        objects.pod(name="dev-1-other-ns", namespace="attacker", created="2030-01-01T00:00:05Z",
+                    phase="Succeeded", state=objects.terminated(0, lie)),
+        objects.pod(name="dev-1-wrong-uid", controller_uid="some-other-job", created="2030-01-01T00:00:05Z",
+                    phase="Succeeded", state=objects.terminated(0, lie)),
+    ]
+    no_owner = objects.pod(name="dev-1-no-owner", created="2030-01-01T00:00:05Z", phase="Succeeded",
+                           state=objects.terminated(0, lie))
+    no_owner["metadata"]["ownerReferences"] = []
+    result = status.desired_status(objects.merge(), [job], [honest, *forged, no_owner], NOW)
+    assert ready(result)["message"] == "merged" and "retention" not in result.get("result", {})
+    assert result["podName"] == "dev-1-abcde"
+
+
+def test_a_job_in_another_namespace_is_not_this_resources_run(objects):
+    job = objects.job(conditions=[objects.condition("Complete")])
+    job["metadata"]["namespace"] = "attacker"
+    result = status.desired_status(objects.merge(), [job], [], NOW)
+    assert result["phase"] == "Pending"
+
+
+def test_worker_that_published_before_the_deadline_is_a_success(objects):
+    """The worker finished (its summary says so) and the Job controller enforced activeDeadlineSeconds
+    during the pod's exit: the output exists, so the status must not say the merge failed."""
+    summary = objects.summary(0, "merged 2 adapters into store:merged/out", published=True)
+    job = objects.job(conditions=[objects.condition("FailureTarget", "DeadlineExceeded")])
+    pod = objects.pod(phase="Failed", state=objects.terminated(143, summary))
+    result = status.desired_status(objects.merge(), [job], [pod], NOW)
+    assert (result["phase"], ready(result)["reason"], ready(result)["status"]) == ("Succeeded", "MergeSucceeded", "True")
+    assert "DeadlineExceeded" in ready(result)["message"]
+    killed = objects.pod(phase="Failed", state=objects.terminated(143, "Terminated"))
+    result = status.desired_status(objects.merge(), [job], [killed], NOW)
+    assert (result["phase"], ready(result)["reason"]) == ("Failed", "DeadlineExceeded")
+
+
 def test_completed_job_is_ready_with_the_worker_result(objects):
     summary = objects.summary(0, "merged 2 adapters into store:merged/out", seconds=2.4, modules=224,
                               max_reconstruction_error=0.08, rank=8, retention={"python": 0.94, "sql": None},
