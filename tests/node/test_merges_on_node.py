@@ -174,6 +174,20 @@ def test_an_invalid_input_fails_with_the_workers_message(release):
     assert not (release.disk / "merged" / "missing").exists()
 
 
+def test_a_missing_claim_is_named_while_the_pod_waits_for_it(release):
+    # The real scheduler keeps a pod whose PVC does not exist unbound; the status must say which claim
+    # (until the scheduling timeout fails the run), not "waiting for the worker pod".
+    release.apply("no-claim", volume={"claimName": "not-a-claim"}, job={"gpus": 0, "activeDeadlineSeconds": 600})
+
+    def explained():
+        merge = release.merge("no-claim")
+        condition = next((c for c in (merge.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), {})
+        return merge if condition.get("reason") == "Unschedulable" else None
+    merge = wait_until(explained, 180, "the status to say why the pod cannot be scheduled")
+    assert merge["status"]["phase"] == "Pending" and "not-a-claim" in ready(merge)["message"], ready(merge)
+    release.plane.kubectl("delete", "-n", release.namespace, "adaptermerge", "no-claim", "--wait=true", "--timeout=120s")
+
+
 def test_a_merge_past_its_deadline_is_stopped_by_the_kubelet(release):
     # Two seconds: the Job controller deletes the pod while the worker is still starting; the kubelet
     # must stop it before it publishes anything.
