@@ -558,12 +558,16 @@ class AdapterMerge(BaseModel):
 
 
 class StatusOutput(_Model):
-    """The output this generation writes."""
+    """The output this generation writes: claimName and path, or uri."""
 
-    claim_name: str
-    """Claim of the output."""
-    path: str
+    claim_name: str | None = None
+    """Claim of the output (an output on a volume)."""
+    path: str | None = None
     """Path of the output on its claim."""
+    uri: str | None = None
+    """URI of the output (an output pushed to object storage or a registry)."""
+    digest: str | None = None
+    """Digest of the pushed output, when the worker reports one (e.g. sha256:... of an OCI artifact)."""
     format: OutputFormat
     """adapter or merged-model."""
     rank: Union[int, Literal["auto"], None] = None

@@ -130,7 +130,7 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
             await ctx.api.run(ctx.api.add_job_finalizer, meta["namespace"], job_meta["name"], names.FINALIZER)
         return True
     mine = outputs.claim(merge)
-    conflict = outputs.conflict(mine, ctx.outputs.get(meta["namespace"], ())) if mine else ""
+    conflict = outputs.conflict(mine, outputs.everyone(ctx.outputs)) if mine else ""
     if conflict:
         await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], status.Facts(output_conflict=conflict))
         return False

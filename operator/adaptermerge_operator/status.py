@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_spec
 
-from adaptermerge_operator import names
+from adaptermerge_operator import names, outputs
 from adaptermerge_operator.job_manifest import CONTAINER
 
 READY = "Ready"
@@ -233,8 +233,7 @@ def judge(
         return Verdict("Pending", "JobPending", "creating the merge Job")
     if _true_condition(job, "Complete", "SuccessCriteriaMet"):
         message = (report or {}).get("message") or (
-            f"merged {len(spec.adapters)} adapters with {spec.method} into "
-            f"{spec.claim_of(spec.output)}:{spec.output.path}"
+            f"merged {len(spec.adapters)} adapters with {spec.method} into {outputs.describe(spec)}"
         )
         return Verdict("Succeeded", "MergeSucceeded", message)
     # FailureTarget comes first and is already final; Failed follows once every pod has stopped.
@@ -276,14 +275,18 @@ def _result(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _output(spec: AdapterMergeSpec, report: dict[str, Any] | None) -> dict[str, Any]:
-    output = {
-        "claimName": spec.claim_of(spec.output),
-        "path": spec.output.path,
-        "format": spec.output.format,
-        "rank": spec.output.rank,
-    }
+    """Where the output goes (claimName and path, or uri), its format and rank, and the digest the
+    worker reports for an output it pushed (a registry's manifest digest, docs/interfaces.md #5)."""
+    if spec.output.uri is not None:
+        output: dict[str, Any] = {"uri": spec.output.uri}
+    else:
+        output = {"claimName": spec.claim_of(spec.output), "path": spec.output.path}
+    output |= {"format": spec.output.format, "rank": spec.output.rank}
     if report and isinstance(report.get("rank"), int):
         output["rank"] = report["rank"]  # what was written, when the spec said "auto"
+    published = (report or {}).get("output")
+    if isinstance(published, dict) and isinstance(published.get("digest"), str):
+        output["digest"] = published["digest"]
     return output
 
 
