@@ -32,15 +32,21 @@ class Staged:
     provenance: dict[str, Any] | None = None  # merged into the manifest: the spec as written, sources
     client: Any = None
     output_uri: str | None = None
+    owner: Any = None  # the --owner the output belongs to (merge_worker/output/ownership.py)
     uri_fields: dict[str, str] = field(default_factory=dict)  # staged "spec.X.path" -> "spec.X.uri"
 
     def publish(self, outcome: Any) -> None:
         """Pushes a published output to its URI and points the result at it."""
-        if self.output_uri is None or not outcome.result.get("published"):
+        if self.output_uri is None:
+            return
+        # The run's message names the scratch path the output was built at; the user knows the uri.
+        if outcome.result.get("message"):
+            outcome.result["message"] = outcome.result["message"].replace(self.spec.output.path, self.output_uri)
+        if not outcome.result.get("published"):
             return
         from merge_worker.storage.upload import push
 
-        push(self.client, outcome.output, self.output_uri)
+        push(self.client, outcome.output, self.output_uri, self.spec.output.overwrite, self.owner)
         outcome.result["output"] = {"uri": self.output_uri, "format": self.spec.output.format}
 
     def rename(self, exc: SpecError) -> SpecError:
@@ -53,7 +59,9 @@ class Staged:
 
 
 @contextmanager
-def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
+def staged(spec: AdapterMergeSpec, volumes: Volumes, owner: Any = None) -> Iterator[Staged]:
+    """owner: the resource the output belongs to (--owner, an ownership.Owner), checked against the
+    manifest of an s3:// output before it is replaced."""
     remote = [(where, ref) for where, ref in spec.refs() if ref.uri is not None]
     if not remote:
         yield Staged(spec, volumes)
@@ -80,7 +88,7 @@ def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
             listed.append((where, ref, is_folder, objects))
         if spec.output.uri is not None:
             output_uri = spec.output.uri
-            check_destination(client, output_uri, spec.output.overwrite)
+            check_destination(client, output_uri, spec.output.overwrite, owner)
             name = output_uri.rstrip("/").rsplit("/", 1)[-1] or "output"
             replacements[id(spec.output)] = _on_scratch(spec.output, f"output/{name}")
             uri_fields["spec.output.path"] = "spec.output.uri"
@@ -98,7 +106,7 @@ def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
         provenance = {"spec": spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
                       "output": spec.output.model_dump(mode="json", by_alias=True), "sources": sources}
         stage = Staged(_rewritten(spec, replacements), Volumes(volumes.mapping | {SCRATCH_CLAIM: scratch}),
-                       provenance, client, output_uri, uri_fields)
+                       provenance, client, output_uri, owner, uri_fields)
         try:
             yield stage
         except SpecError as exc:
