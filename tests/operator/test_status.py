@@ -304,3 +304,22 @@ def test_the_status_model_and_crd_take_a_uri_output(objects):
     schema = crd.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     assert set(schema["properties"]["output"]["properties"]) >= {"uri", "digest", "claimName", "path"}
     assert set(schema["properties"]["output"].get("required", [])) <= {"format"}
+
+
+def test_a_missing_credentials_secret_names_the_secret_then_fails(objects):
+    """The kubelet cannot build the worker's env (CreateContainerConfigError): the verdict names the
+    Secret from the spec (the operator never reads it), and the run fails after the scheduling timeout."""
+    spec = {**S3_SPEC, "storage": {"credentialsSecret": "s3-credentials"}}
+    waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}}
+    pod = objects.pod(state=waiting)
+    pod["status"]["startTime"] = EARLIER
+    job = objects.job()
+    result = status.desired_status(objects.merge(spec), [job], [pod], NOW, status.Facts(scheduling_timeout=900))
+    assert (result["phase"], ready(result)["reason"]) == ("Pending", "CreateContainerConfigError")
+    message = ready(result)["message"]
+    assert 'secret "s3-credentials" not found' in message
+    assert "spec.storage.credentialsSecret names Secret 's3-credentials'" in message
+    assert status.cannot_start(pod) and not status.cannot_start(objects.pod(phase="Running"))
+    failed = status.desired_status(objects.merge(spec), [job], [pod], NOW, status.Facts(scheduling_timeout=30))
+    assert (failed["phase"], ready(failed)["reason"]) == ("Failed", "CreateContainerConfigError")
+    assert "(for 30s; the Job was stopped)" in ready(failed)["message"]
