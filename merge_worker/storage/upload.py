@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from merge_worker.manifest import MANIFEST_FILE
+from merge_worker.output.manifest import MANIFEST_FILE
 from merge_worker.output.ownership import MAX_MANIFEST_BYTES, Owner, decide_replace, owner_in_manifest
 from merge_worker.storage.client import is_missing, split_uri, storage_error
 
