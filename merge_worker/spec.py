@@ -357,8 +357,9 @@ class Storage(_Model):
     region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] | None = None
     """Region of the buckets; unset: us-east-1 (or AWS_REGION)."""
     credentials_secret: Name | None = None
-    """Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) the Job's worker gets as environment;
-    the operator never reads it. The local CLI takes credentials from its environment instead."""
+    """Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN) in the resource's
+    namespace that the Job's worker gets as environment; the operator never reads it. The local CLI
+    takes credentials from its environment instead."""
     max_download_bytes: int = Field(default=256 << 30, ge=1)
     """Refuse to download more than this many bytes in all (default 256 GiB)."""
 
