@@ -44,9 +44,14 @@ def _nested(a: str, b: str) -> bool:
 
 
 def _uri_location(uri: str, endpoint: str | None) -> Location:
+    """scheme://authority/path: the store is the authority (an s3:// bucket, at spec.storage's endpoint,
+    since one bucket name can live at several endpoints); the rest is the path inside it."""
     scheme, _, rest = uri.partition("://")
-    bucket, _, key = rest.partition("/")
-    return Location(f"{scheme}://{bucket} at {endpoint or DEFAULT_ENDPOINT}", key, uri)
+    authority, _, path = rest.partition("/")
+    store = f"{scheme}://{authority}"
+    if scheme == "s3":
+        store += f" at {endpoint or DEFAULT_ENDPOINT}"
+    return Location(store, path, uri)
 
 
 def output_location(spec: AdapterMergeSpec, namespace: str) -> Location:
