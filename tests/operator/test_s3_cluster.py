@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 import yaml
-from support.operator_harness import TIMEOUT, apply, events_of, get, jobs, phase_is, ready, wait_until
+from support.operator_harness import TIMEOUT, apply, events_of, get, jobs, phase_is, ready, resource, wait_until
 from support.s3_server import running_s3_server
 
 pytestmark = pytest.mark.cluster
@@ -37,17 +37,17 @@ def bucket(s3_server, tiny_adapters):
 
 
 def merge(name: str, server, bucket: str, output: str, **spec) -> dict:
-    base = {
+    """The harness's merge (tests/support/operator_harness.py) with every path a uri in the bucket."""
+    uris = {
         "storage": {"endpoint": server.endpoint, "credentialsSecret": SECRET},
         "adapters": [{"name": "a", "uri": f"s3://{bucket}/adapters/a", "weight": 0.7},
                      {"name": "b", "uri": f"s3://{bucket}/adapters/b"}],
-        "method": "ties",
-        "parameters": {"density": 0.5},
         "output": {"uri": f"s3://{bucket}/{output}", "rank": 4},
         "job": {"gpus": 0, "backoffLimit": 1, "activeDeadlineSeconds": 600},
     }
-    return {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": name},
-            "spec": {**base, **spec}}
+    document = resource(name, "", **{**uris, **spec})
+    del document["spec"]["volume"]  # no claim at all
+    return document
 
 
 def create_secret(control_plane, namespace: str, server) -> None:
