@@ -15,6 +15,7 @@ the same store and one path is the other or lies inside it.
 from __future__ import annotations
 
 import posixpath
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -50,8 +51,17 @@ def _uri_location(uri: str, endpoint: str | None) -> Location:
     authority, _, path = rest.partition("/")
     store = f"{scheme}://{authority}"
     if scheme == "s3":
-        store += f" at {endpoint or DEFAULT_ENDPOINT}"
+        store += f" at {_same_service(endpoint) if endpoint else DEFAULT_ENDPOINT}"
     return Location(store, path, uri)
+
+
+def _same_service(endpoint: str) -> str:
+    """One spelling per endpoint: scheme and host are case-insensitive, a default port and trailing
+    slashes name the same service (RFC 3986, 6.2.3)."""
+    parts = urlsplit(endpoint)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port if parts.port not in (None, {"http": 80, "https": 443}.get(scheme)) else None
+    return f"{scheme}://{host}{f':{port}' if port else ''}{parts.path.rstrip('/')}"
 
 
 def output_location(spec: AdapterMergeSpec, namespace: str) -> Location:
