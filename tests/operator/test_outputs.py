@@ -73,6 +73,15 @@ def test_a_bucket_is_shared_across_namespaces_but_a_claim_is_not(objects):
     assert "store:merged/out" in outputs.conflict(claim_mine, [same_namespace])
 
 
+@pytest.mark.parametrize("spelling", ["http://S3.Example:9000", "http://s3.example:9000/", "http://S3.EXAMPLE:9000//"])
+def test_one_endpoint_written_two_ways_is_one_store(objects, spelling):
+    """A host is case-insensitive and a trailing slash names the same service (RFC 3986)."""
+    holder = entry(objects, S3_SPEC, name="first", status={"phase": "Running"})
+    mine = entry(objects, with_output({"uri": "s3://merged/team/dev"}, endpoint=spelling), name="second",
+                 created="2030-01-01T00:00:01Z")
+    assert "AdapterMerge first" in outputs.conflict(mine, [holder])
+
+
 def test_a_succeeded_uri_output_is_held_by_what_its_status_says_it_wrote(objects):
     # The holder's spec moved on to another prefix, but its succeeded run wrote s3://merged/team/dev.
     holder = entry(objects, with_output({"uri": "s3://merged/elsewhere"}), name="first", status={
