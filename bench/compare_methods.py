@@ -119,7 +119,7 @@ def score(scorer, examples: dict, adapter: str | None) -> dict[str, float]:
 
 def row(label: str, losses: dict[str, float] | None, base: dict, source: dict, seconds: float | None,
         note: str = "") -> dict:
-    from merge_worker.evaluation import retention
+    from merge_worker.evaluation.scoring import retention
 
     if losses is None:
         return {"label": label, "retention": None, "losses": None, "seconds": seconds, "note": note}
@@ -128,8 +128,8 @@ def row(label: str, losses: dict[str, float] | None, base: dict, source: dict, s
 
 
 def compare(max_examples: int, work: Path) -> dict:
-    from merge_worker.evaluation import Scorer, encode, read_jsonl, source_adapter_name
-    from merge_worker.model_loading import load_causal_lm, load_tokenizer
+    from merge_worker.evaluation.scoring import Scorer, encode, read_jsonl, source_adapter_name
+    from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
     model_dir = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare-smollm2.py")], check=True,
                                stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]

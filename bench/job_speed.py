@@ -173,7 +173,7 @@ def _write_tokenizer(folder: Path, vocab: int) -> None:
 
 def make_adapters(root: Path, tag: str, shape: Shape, relative: float, device: torch.device) -> list[str]:
     """The three PEFT adapters (bf16, lora_alpha == r); delta rms = relative x the base weights' rms."""
-    from merge_worker.adapter_writer import AdapterWriter
+    from merge_worker.output.adapter_writer import AdapterWriter
     from merge_worker.factors import MergedModule
 
     paths = []
@@ -202,7 +202,7 @@ def make_datasets(root: Path, base: str, device: torch.device, *, examples: int,
                   new_tokens: int, quantization: str) -> list[str]:
     """One JSONL per adapter: random prompts, completions = the base's own greedy continuation, generated
     exactly as the evaluation will (same quantization, one batch per dataset, equal-length prompts)."""
-    from merge_worker.model_loading import load_causal_lm, load_tokenizer
+    from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
     rels = [f"eval-{Path(base).name}/{name}.jsonl" for name, _, _ in ADAPTERS]
     if all((root / rel).exists() for rel in rels):
@@ -451,8 +451,8 @@ def accuracy(root: Path, base: str, adapters: list[str], outputs: dict[str, Path
              shape: Shape) -> dict[str, float]:
     """||W_out - (W + delta)|| / ||delta|| over sampled modules, delta the exact TIES merge in float64;
     'bf16 floor' is the same for bf16(W + delta), the best a bf16 output can do."""
-    from merge_worker.adapter_io import read_adapter
-    from merge_worker.base_weights import BaseWeights
+    from merge_worker.inputs.adapters import read_adapter
+    from merge_worker.inputs.base_weights import BaseWeights
     from merge_worker.factors import MergeParams
     from merge_worker.merge_engine import merge_dense
 

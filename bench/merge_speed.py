@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from merge_worker.adapter_io import iter_module_factors, plan_modules, read_adapter
-from merge_worker.adapter_writer import AdapterWriter
+from merge_worker.inputs.adapters import iter_module_factors, plan_modules, read_adapter
+from merge_worker.output.adapter_writer import AdapterWriter
 from merge_worker.factors import MergedModule
 from merge_worker.merge_engine import merge_dense, merge_modules
 from merge_worker.run import merge_params, run_merge
 from merge_worker.spec import parse_spec
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 SHAPES = {  # Llama-2-7B: module -> (out_features, in_features)
     "self_attn.q_proj": (4096, 4096),

@@ -1,7 +1,7 @@
 """The merged-model writer alone: how fast base + delta goes from a bf16 checkpoint to bf16 shards.
 
 Writes a random Llama-shaped bf16 base under --root (bench/job_speed.py's generator), then runs
-merge_worker.merged_model_writer.write_merged_model in this process with every linear module merged and
+merge_worker.output.merged_model_writer.write_merged_model in this process with every linear module merged and
 a cheap delta (one precomputed random tensor per shape, on --device), so the table shows the writer's
 reading, adding, casting and writing, not the merge method. Page cache warm (the base is read once
 first). Prints seconds, output GB/s and peak anonymous RSS growth for each --threads value.
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from job_speed import ATTENTION, GIB, MLP, SHAPES, Shape, make_base  # noqa: E402
 
-from merge_worker.base_weights import BaseWeights  # noqa: E402
-from merge_worker.merged_model_writer import write_merged_model  # noqa: E402
+from merge_worker.inputs.base_weights import BaseWeights  # noqa: E402
+from merge_worker.output.merged_model_writer import write_merged_model  # noqa: E402
 
 SIZES = {"1b": Shape(2048, 8192, 16, 32, 8, 32000, tied=False), **SHAPES}
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tiny models the tests build
 
 from merge_worker.search.runner import run_search  # noqa: E402
 from merge_worker.spec import parse_spec  # noqa: E402
-from merge_worker.volumes import Volumes  # noqa: E402
+from merge_worker.inputs.volumes import Volumes  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "adaptermerge" / "models" / "smollm2-135m-instruct"
 

@@ -18,9 +18,9 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merge_worker.result import build_result, printable, write_result_file
+from merge_worker.output.result import build_result, printable, write_result_file
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_resource
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 if TYPE_CHECKING:
     from merge_worker.output.ownership import Owner

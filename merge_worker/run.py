@@ -19,21 +19,21 @@ from typing import Any
 
 import torch
 
-from merge_worker.adapter_io import iter_module_factors
-from merge_worker.adapter_writer import AdapterWriter
+from merge_worker.inputs.adapters import iter_module_factors
+from merge_worker.output.adapter_writer import AdapterWriter
 from merge_worker.factors import LoraFactors, MergeParams
 from merge_worker.inputs.validation import Inputs, load_inputs
-from merge_worker.manifest import FileDigests, build_manifest, describe_input, write_manifest
-from merge_worker.merged_model_writer import write_merged_model
+from merge_worker.output.manifest import FileDigests, build_manifest, describe_input, write_manifest
+from merge_worker.output.merged_model_writer import write_merged_model
 from merge_worker.output import termination
 from merge_worker.output.overlap import OUTPUT_FIELD
 from merge_worker.output.ownership import Owner
 from merge_worker.output.publish import OutputSlot
 from merge_worker.output.target import check_target
 from merge_worker.progress import ModuleProgress, ModuleRecord, evaluation_summary, log, merge_summary
-from merge_worker.result import build_result
+from merge_worker.output.result import build_result
 from merge_worker.spec import AdapterMergeSpec, SpecError
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 Log = Callable[[str], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -260,7 +260,7 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
     timings["merge"] = time.monotonic() - start
     evaluation = None
     if spec.evaluation is not None:
-        from merge_worker.evaluation import evaluate_merge
+        from merge_worker.evaluation.scoring import evaluate_merge
 
         start = time.monotonic()
         evaluation = evaluate_merge(spec, inputs.volumes, tmp, device, log)

@@ -112,9 +112,9 @@ def check(store: Path, work: Path) -> dict:
     import yaml
 
     from merge_worker.cli import main as adaptermerge
-    from merge_worker.evaluation import evaluate_merge
+    from merge_worker.evaluation.scoring import evaluate_merge
     from merge_worker.spec import parse_resource
-    from merge_worker.volumes import Volumes
+    from merge_worker.inputs.volumes import Volumes
 
     resource = yaml.safe_load((REPO / "examples" / "demo" / "dev-assistant.yaml").read_text())
     resource["spec"]["baseModel"]["quantization"] = "nf4"

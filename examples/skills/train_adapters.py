@@ -3,7 +3,7 @@
 
 The adapters differ on purpose, as real ones do: ranks 8, 16 and 4, different alphas, and the extract
 adapter touches only the attention projections. Loss is on completion tokens only (prompt tokens are
-masked), using the very encoding the evaluation scores (merge_worker.evaluation.encode/collate).
+masked), using the very encoding the evaluation scores (merge_worker.evaluation.scoring.encode/collate).
 Weights are stored in bfloat16 to keep the repository small (the rounding is far below what training
 moves). Reproducible: data from make_datasets.py's seed, LoRA init and batch order from --seed.
 
@@ -73,8 +73,8 @@ def to_bfloat16(adapter_dir: Path) -> None:
 def train(skill: str, base: Path, out: Path, steps: int | None, batch_size: int, seed: int) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from merge_worker.evaluation import collate, encode, read_jsonl
-    from merge_worker.model_loading import load_causal_lm, load_tokenizer
+    from merge_worker.evaluation.scoring import collate, encode, read_jsonl
+    from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
     recipe = RECIPES[skill]
     steps = steps or recipe.steps

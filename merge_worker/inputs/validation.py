@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merge_worker.adapter_io import (
+from merge_worker.inputs.adapters import (
     Adapter,
     AdapterError,
     ModulePlan,
@@ -21,14 +21,14 @@ from merge_worker.adapter_io import (
     read_adapter,
     weight_name,
 )
-from merge_worker.base_weights import BaseWeights, BaseWeightsError
-from merge_worker.eval_datasets import read_jsonl
+from merge_worker.inputs.base_weights import BaseWeights, BaseWeightsError
+from merge_worker.evaluation.datasets import read_jsonl
 from merge_worker.inputs.volume_files import FolderView, InputFolder, PathRefused
 from merge_worker.output.overlap import ProtectedPath
 from merge_worker.output.ownership import Owner
 from merge_worker.output.target import check_target, protected_inputs
 from merge_worker.spec import AdapterMergeSpec, SpecError
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 # Names the worker gives its siblings of the output (`.<name>.tmp-<random>`, `.<name>.old-<random>`)
 # are the output's name plus at most this many bytes; the name must leave room for them.

@@ -14,8 +14,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from merge_worker.manifest import MANIFEST_FILE
-from merge_worker.result import OUTPUT_CONFLICT
+from merge_worker.output.manifest import MANIFEST_FILE
+from merge_worker.output.result import OUTPUT_CONFLICT
 from merge_worker.spec import SpecError
 
 OWNER_FIELD = "--owner"

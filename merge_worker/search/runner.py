@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from merge_worker.evaluation import (
+from merge_worker.evaluation.scoring import (
     Task, encode, load_scorer, read_datasets, release_memory, retention, source_adapter_name,
 )
 from merge_worker.inputs.validation import load_inputs
@@ -25,7 +25,7 @@ from merge_worker.output.ownership import Owner
 from merge_worker.run import Log, Outcome, _write_adapter, merge_params, pick_device, run_merge
 from merge_worker.search.space import Candidate, Sampler, candidate_spec, grid_size
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_spec
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 TRIAL = "search-trial"  # the attached candidate's adapter name; never a source's (source_adapter_name)
 

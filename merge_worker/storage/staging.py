@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_worker.spec import AdapterMergeSpec, PathRef, SpecError, Storage
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 # The claim the scratch folder is mapped as; a user's claim of this name would be shadowed: refused.
 SCRATCH_CLAIM = "adaptermerge-staging"

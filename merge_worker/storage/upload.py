@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from merge_worker.manifest import MANIFEST_FILE
+from merge_worker.output.manifest import MANIFEST_FILE
 from merge_worker.spec import SpecError
 from merge_worker.storage.client import split_uri, storage_error
 

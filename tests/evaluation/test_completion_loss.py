@@ -11,8 +11,8 @@ import pytest
 import torch
 from evaluation.tiny_lm import CODE, EOS, SQL, VOCAB, token_ids
 
-from merge_worker.evaluation import Scorer, Task, encode, exact_match_rate, generation_rows, still_possible
-from merge_worker.model_loading import load_causal_lm, load_tokenizer
+from merge_worker.evaluation.scoring import Scorer, Task, encode, exact_match_rate, generation_rows, still_possible
+from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
 CPU = torch.device("cpu")
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from evaluation.tiny_lm import CODE, SQL
 
-from merge_worker.evaluation import completion_loss, encode, evaluate_merge
-from merge_worker.model_loading import load_causal_lm, load_tokenizer
+from merge_worker.evaluation.scoring import completion_loss, encode, evaluate_merge
+from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 from merge_worker.spec import SpecError, parse_spec
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from merge_worker.evaluation import retention
+from merge_worker.evaluation.scoring import retention
 
 
 @pytest.mark.parametrize(

@@ -30,8 +30,8 @@ def store(tmp_path_factory) -> Path:
 
 
 def test_each_source_adapter_beats_the_base_on_its_own_skill(store):
-    from merge_worker.evaluation import Scorer, encode, read_jsonl
-    from merge_worker.model_loading import load_causal_lm, load_tokenizer
+    from merge_worker.evaluation.scoring import Scorer, encode, read_jsonl
+    from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
     cpu = torch.device("cpu")
     model_dir = store / "models" / "smollm2-135m-instruct"

@@ -34,8 +34,8 @@ def train_lora(base: Path, pairs: list[tuple[str, str]], out: Path, *, rank: int
     """A LoRA adapter that learns `pairs` (completion tokens only) well enough to beat the base."""
     from peft import LoraConfig, get_peft_model
 
-    from merge_worker.evaluation import collate, encode
-    from merge_worker.model_loading import load_causal_lm, load_tokenizer
+    from merge_worker.evaluation.scoring import collate, encode
+    from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
     torch.manual_seed(1)
     tokenizer = load_tokenizer(base)

@@ -30,7 +30,7 @@ from merge_worker.from_mergekit import translate
 from merge_worker.methods.dare_linear import keyed_uniform
 from merge_worker.run import run_merge
 from merge_worker.spec import parse_resource
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 from support.tiny_models import make_lora_adapter, make_tiny_llama
 
 # name -> make_lora_adapter options: different ranks, alphas, rslora and target sets (so some modules

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from merge_worker.result import build_result
+from merge_worker.output.result import build_result
 
 from adaptermerge_operator import names
 from adaptermerge_operator.settings import Settings
@@ -80,7 +80,7 @@ def terminated(exit_code: int, message: str) -> dict:
 
 
 def worker_summary(exit_code: int, message: str, **details: Any) -> str:
-    """The termination message the real worker writes (merge_worker.result's builder, docs/interfaces.md #5)."""
+    """The termination message the real worker writes (merge_worker.output.result's builder, docs/interfaces.md #5)."""
     return json.dumps(build_result(exit_code, message, **details))
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_worker.adapter_io import AdapterError, check_same_base, plan_modules, read_adapter
+from merge_worker.inputs.adapters import AdapterError, check_same_base, plan_modules, read_adapter
 from support.tiny_models import edit_adapter_config, set_adapter_tensor
 
 PREFIX = "base_model.model."

@@ -71,7 +71,7 @@ def _evaluation(monkeypatch, store, passed: bool, **settings) -> dict:
                 "datasets": {"python": {"adapter": "a", "examples": 1, "baseLoss": 2.0, "sourceLoss": 1.0,
                                         "mergedLoss": 1.9, "retention": 0.1, "exactMatch": None}}}
 
-    monkeypatch.setitem(sys.modules, "merge_worker.evaluation", types.SimpleNamespace(evaluate_merge=evaluate_merge))
+    monkeypatch.setitem(sys.modules, "merge_worker.evaluation.scoring", types.SimpleNamespace(evaluate_merge=evaluate_merge))
     (store / "eval").mkdir(exist_ok=True)
     (store / "eval" / "python.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     return {**SPEC, "evaluation": {"datasets": [{"name": "python", "path": "eval/python.jsonl", "adapter": "a"}],

@@ -25,7 +25,7 @@ SPEC = with_output(LINEAR_TWO_ADAPTERS, overwrite=True)
 _HELD_RUN = """
 import sys, time, pathlib
 from merge_worker.cli import main
-from merge_worker.adapter_writer import AdapterWriter
+from merge_worker.output.adapter_writer import AdapterWriter
 from merge_worker.output.publish import OutputSlot
 
 ready, where, seconds = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])

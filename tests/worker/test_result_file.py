@@ -9,7 +9,7 @@ import os
 import pytest
 
 from merge_worker.cli import main
-from merge_worker.result import build_result, encode_result
+from merge_worker.output.result import build_result, encode_result
 
 SPEC = {"adapters": [{"name": "a", "path": "adapters/a"}], "method": "linear", "output": {"path": "merged/out"}}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from merge_worker.adapter_writer import AdapterWriter
-from merge_worker.result import build_result, encode_result
+from merge_worker.output.adapter_writer import AdapterWriter
+from merge_worker.output.result import build_result, encode_result
 
 SPEC = {
     "baseModel": {"path": "models/tiny"},
@@ -136,7 +136,7 @@ def _fake_evaluation(passed: bool, calls: list):
 @pytest.mark.parametrize("passed", [True, False])
 def test_evaluation_result_and_exit_code(store, adaptermerge, monkeypatch, passed):
     calls: list = []
-    monkeypatch.setitem(sys.modules, "merge_worker.evaluation", _fake_evaluation(passed, calls))
+    monkeypatch.setitem(sys.modules, "merge_worker.evaluation.scoring", _fake_evaluation(passed, calls))
     (store / "eval").mkdir()
     (store / "eval" / "python.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     spec = {**SPEC, "evaluation": {"datasets": [{"name": "python", "path": "eval/python.jsonl", "adapter": "a"}],

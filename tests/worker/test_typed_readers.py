@@ -90,7 +90,7 @@ def test_a_catastrophic_pattern_key_does_not_hang(store, adaptermerge, key, monk
 def test_pattern_keys_keep_peft_semantics(store, adaptermerge):
     # adapter b has r=6 and rank_pattern {"layers.1.self_attn.q_proj": 2}: as a regex, and with a plain
     # name key ahead of it that matches first (PEFT takes the first key that matches).
-    from merge_worker.adapter_io import read_adapter
+    from merge_worker.inputs.adapters import read_adapter
 
     edit_adapter_config(store / "adapters" / "b", rank_pattern={"layers\\.1\\..*q_proj": 2})
     assert read_adapter(store / "adapters" / "b").modules["model.layers.1.self_attn.q_proj"].rank == 2

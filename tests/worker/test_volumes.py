@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from merge_worker.spec import PathRef, SpecError, parse_spec
-from merge_worker.volumes import Volumes
+from merge_worker.inputs.volumes import Volumes
 
 
 def _spec(**overrides):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_worker.base_weights import BaseWeights
-from merge_worker.merged_model_writer import write_merged_model
-from merge_worker.safetensors_stream import SafetensorsStreamWriter
+from merge_worker.inputs.base_weights import BaseWeights
+from merge_worker.output.merged_model_writer import write_merged_model
+from merge_worker.output.safetensors_stream import SafetensorsStreamWriter
 
 
 def test_stream_writer_round_trips_every_dtype(tmp_path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from merge_worker.input_error import InputError
+from merge_worker.inputs.errors import InputError
 from merge_worker.inputs.config_files import AdapterConfigFile
 from merge_worker.inputs.json_files import JsonFileError, read_json_model
 from merge_worker.inputs.patterns import PatternError, first_matches

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merge_worker.input_error import InputError
+from merge_worker.inputs.errors import InputError
 from merge_worker.inputs.config_files import BaseConfigFile, IndexFile
 from merge_worker.inputs.json_files import JsonFileError, read_json_model
 from merge_worker.inputs.safetensors_file import DTYPES, SafetensorsError, SafetensorsFile

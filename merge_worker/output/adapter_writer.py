@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from merge_worker.adapter_io import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE, ModuleKind
+from merge_worker.inputs.adapters import CONFIG_FILE, PEFT_PREFIX, SAFETENSORS_FILE, ModuleKind
 from merge_worker.factors import MergedModule
 from merge_worker.output.finite import cast_finite
-from merge_worker.safetensors_stream import SafetensorsStreamWriter
+from merge_worker.output.safetensors_stream import SafetensorsStreamWriter
 
 
 class AdapterWriter:

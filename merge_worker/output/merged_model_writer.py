@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from merge_worker.adapter_io import ModuleKind, weight_name
-from merge_worker.base_weights import INDEX_FILE, SINGLE_FILE, BaseWeights
+from merge_worker.inputs.adapters import ModuleKind, weight_name
+from merge_worker.inputs.base_weights import INDEX_FILE, SINGLE_FILE, BaseWeights
 from merge_worker.output.finite import cast_finite
-from merge_worker.safetensors_stream import DTYPE_CODES
+from merge_worker.output.safetensors_stream import DTYPE_CODES
 
 DEFAULT_SHARD_BYTES = 2 << 30  # smaller shards: more of them are written side by side
 MAX_WRITER_THREADS = 8

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from merge_worker.eval_datasets import read_jsonl
+from merge_worker.evaluation.datasets import read_jsonl
 from merge_worker.spec import AdapterMergeSpec, SpecError
 
 IGNORE = -100  # label of positions that are not scored (prompt, padding), as transformers uses it
@@ -356,7 +356,7 @@ def load_scorer(spec: AdapterMergeSpec, volumes: Any, device: torch.device, log:
                 ) -> tuple[Scorer, Any]:
     """The base model (quantized as asked) with every evaluation dataset's source adapter attached
     (source_adapter_name), and its load result (quantization, note)."""
-    from merge_worker.model_loading import load_causal_lm, load_tokenizer
+    from merge_worker.evaluation.model_loading import load_causal_lm, load_tokenizer
 
     assert spec.evaluation is not None and spec.base_model is not None
     # Views: folders that read exactly the files validation checked (docs/cli.md, reading guarantees).
@@ -378,7 +378,7 @@ def load_scorer(spec: AdapterMergeSpec, volumes: Any, device: torch.device, log:
 
 def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, device: torch.device,
                    log: Callable[[str], None]) -> dict[str, Any]:
-    from merge_worker.model_loading import load_causal_lm
+    from merge_worker.evaluation.model_loading import load_causal_lm
 
     assert spec.evaluation is not None and spec.base_model is not None
     started = time.monotonic()
