@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from merge_worker.manifest import MANIFEST_FILE
+from merge_worker.output.manifest import MANIFEST_FILE
 from merge_worker.spec import SpecError
 from merge_worker.storage.oci_client import MANIFEST_TYPES, OciRef, RegistryClient, unreachable
 
