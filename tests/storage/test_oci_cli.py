@@ -7,65 +7,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 
+from support.oci_cli import TITLE, cli, files_of, pulled, spec_of
 from support.oci_registry import digest_of, tar_of
-
-TITLE = "org.opencontainers.image.title"
-
-
-def _cli(tmp_path: Path, spec: dict, env: dict[str, str] | None = None, command: str = "run",
-         extra: tuple[str, ...] = ()) -> tuple[int, str, dict | None]:
-    doc = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "oci"},
-           "spec": spec}
-    spec_file = tmp_path / "merge.yaml"
-    spec_file.write_text(yaml.safe_dump(doc))
-    result_file = tmp_path / "result.json"
-    result_file.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "merge_worker.cli", command, str(spec_file), "--result-file", str(result_file)]
-    if command == "run":
-        args += ["--device", "cpu"]
-    # No Docker config of the machine running the tests leaks in: HOME is the test's folder.
-    clean = {k: v for k, v in os.environ.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    clean["HOME"] = str(tmp_path)
-    done = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=300, env=clean | (env or {}))
-    result = json.loads(result_file.read_text()) if result_file.exists() else None
-    return done.returncode, done.stdout + done.stderr, result
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def _spec(a: str, b: str, output: dict, **extra) -> dict:
-    return {"registry": {"insecure": True},
-            "adapters": [{"name": "a", "uri": a}, {"name": "b", "uri": b}],
-            "method": "linear", "output": {"rank": 4, **output}, **extra}
-
-
-def _pulled(registry, repo: str, tag: str) -> tuple[dict, str, dict[str, bytes]]:
-    manifest, digest = registry.manifest(repo, tag)
-    files = {layer["annotations"][TITLE]: registry.blob(repo, layer["digest"]) for layer in manifest["layers"]}
-    return manifest, digest, files
 
 
 def test_artifacts_merge_into_a_pushed_artifact(oci_registry, tiny_store, tmp_path):
     reg = oci_registry
-    a_digest = reg.push_artifact("adapters/a", "v1", _files(tiny_store / "adapters" / "a"))
-    reg.push_artifact("adapters/b", "v1", _files(tiny_store / "adapters" / "b"))
+    a_digest = reg.push_artifact("adapters/a", "v1", files_of(tiny_store / "adapters" / "a"))
+    reg.push_artifact("adapters/b", "v1", files_of(tiny_store / "adapters" / "b"))
     out = f"oci://{reg.host}/merged/ab:v1"
-    spec = _spec(f"oci://{reg.host}/adapters/a@{a_digest}", f"oci://{reg.host}/adapters/b:v1", {"uri": out})
-    code, log, result = _cli(tmp_path, spec)
+    spec = spec_of(f"oci://{reg.host}/adapters/a@{a_digest}", f"oci://{reg.host}/adapters/b:v1", {"uri": out})
+    code, log, result = cli(tmp_path, spec)
     assert code == 0, log
 
-    manifest, digest, files = _pulled(reg, "merged/ab", "v1")
+    manifest, digest, files = pulled(reg, "merged/ab", "v1")
     assert result["output"] == {"uri": out, "format": "adapter", "digest": digest}
     assert manifest["artifactType"] == "application/vnd.adaptermerge.adapter.v1"
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "merge-manifest.json"}
@@ -80,15 +40,15 @@ def test_artifacts_merge_into_a_pushed_artifact(oci_registry, tiny_store, tmp_pa
     assert sources[f"oci://{reg.host}/adapters/b:v1"]["digest"] == reg.manifest("adapters/b", "v1")[1]
 
     # The tag exists now: refused before merging, unless overwrite is set; then the tag moves.
-    code, log, result = _cli(tmp_path, spec)
+    code, log, result = cli(tmp_path, spec)
     assert code == 2 and result["field"] == "spec.output.uri" and "already exists" in result["message"], log
     assert reg.manifest("merged/ab", "v1")[1] == digest
     spec["output"]["overwrite"] = True
     spec["method"] = "cat"
     del spec["output"]["rank"]
-    code, log, result = _cli(tmp_path, spec)
+    code, log, result = cli(tmp_path, spec)
     assert code == 0, log
-    new_manifest, new_digest, new_files = _pulled(reg, "merged/ab", "v1")
+    new_manifest, new_digest, new_files = pulled(reg, "merged/ab", "v1")
     assert new_digest != digest and result["output"]["digest"] == new_digest
     assert new_files["adapter_model.safetensors"] != files["adapter_model.safetensors"]
 
@@ -105,21 +65,21 @@ def test_adapter_image_layout_and_output_to_a_volume(oci_registry, tiny_store, t
         device = tarfile.TarInfo("dev/null")
         device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
         tar.addfile(device)
-    adapter = {f"data/{n}": c for n, c in _files(tiny_store / "adapters" / "a").items()}
+    adapter = {f"data/{n}": c for n, c in files_of(tiny_store / "adapters" / "a").items()}
     image_digest = reg.push_image("kaito/a", "v1", [base.getvalue(), tar_of(adapter)])
-    reg.push_artifact("adapters/b", "img", _files(tiny_store / "adapters" / "b"))
+    reg.push_artifact("adapters/b", "img", files_of(tiny_store / "adapters" / "b"))
     out = tmp_path / "out"
     out.mkdir()
-    spec = _spec(f"oci://{reg.host}/kaito/a:v1", f"oci://{reg.host}/adapters/b:img",
+    spec = spec_of(f"oci://{reg.host}/kaito/a:v1", f"oci://{reg.host}/adapters/b:img",
                  {"path": "merged", "claimName": "out"})
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    code, log, _ = _cli(tmp_path, spec, {"TMPDIR": str(scratch)}, extra=("--volume", f"out={out}"))
+    code, log, _ = cli(tmp_path, spec, {"TMPDIR": str(scratch)}, extra=("--volume", f"out={out}"))
     assert code == 0, log
     manifest = json.loads((out / "merged" / "merge-manifest.json").read_text())
     a = manifest["sources"][0]
     assert a["digest"] == image_digest and a["layout"] == "image"
-    assert set(a["files"]) == set(_files(tiny_store / "adapters" / "a"))
+    assert set(a["files"]) == set(files_of(tiny_store / "adapters" / "a"))
     assert manifest["inputs"][0]["files"]["adapter_model.safetensors"] == a["files"]["adapter_model.safetensors"]["sha256"]
     assert list(scratch.iterdir()) == []  # the downloads are removed after the run
 
@@ -147,12 +107,12 @@ def _hostile_layer(kind: str) -> bytes:
 def test_hostile_tar_entries_are_refused(oci_registry, tiny_store, tmp_path, kind, words):
     reg = oci_registry
     reg.push_image("hostile/a", kind, [_hostile_layer(kind)])
-    reg.push_artifact("adapters/b", "v1", _files(tiny_store / "adapters" / "b"))
+    reg.push_artifact("adapters/b", "v1", files_of(tiny_store / "adapters" / "b"))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    spec = _spec(f"oci://{reg.host}/hostile/a:{kind}", f"oci://{reg.host}/adapters/b:v1",
+    spec = spec_of(f"oci://{reg.host}/hostile/a:{kind}", f"oci://{reg.host}/adapters/b:v1",
                  {"uri": f"oci://{reg.host}/merged/hostile:{kind}"})
-    code, log, result = _cli(tmp_path, spec, {"TMPDIR": str(scratch)}, command="validate")
+    code, log, result = cli(tmp_path, spec, {"TMPDIR": str(scratch)}, command="validate")
     assert code == 2 and "spec.adapters[0].uri" in log and words in log, log
     assert list(scratch.iterdir()) == [] and not (tmp_path / "escaped").exists()
 
@@ -168,9 +128,9 @@ def test_hostile_tar_entries_are_refused(oci_registry, tiny_store, tmp_path, kin
 ])
 def test_bad_references_exit_2_naming_the_field(oci_registry, tiny_store, tmp_path, case, field, words):
     reg = oci_registry
-    reg.push_artifact("adapters/a", "v1", _files(tiny_store / "adapters" / "a"))
+    reg.push_artifact("adapters/a", "v1", files_of(tiny_store / "adapters" / "a"))
     a, b = f"oci://{reg.host}/adapters/a:v1", f"oci://{reg.host}/adapters/a:v1"
-    spec = _spec(a, b, {"uri": f"oci://{reg.host}/merged/bad:{case}"})
+    spec = spec_of(a, b, {"uri": f"oci://{reg.host}/merged/bad:{case}"})
     if case == "missing-tag":
         spec["adapters"][1]["uri"] = f"oci://{reg.host}/adapters/a:no-such-tag"
     elif case == "missing-repo":
@@ -191,7 +151,7 @@ def test_bad_references_exit_2_naming_the_field(oci_registry, tiny_store, tmp_pa
     elif case == "not-an-adapter":
         reg.push_image("images/plain", "v1", [tar_of({"etc/os-release": b"x"})])
         spec["adapters"][0]["uri"] = f"oci://{reg.host}/images/plain:v1"
-    code, log, result = _cli(tmp_path, spec)
+    code, log, result = cli(tmp_path, spec)
     assert code == 2, log
     assert result["field"] == field, result
     assert words in result["message"], result
@@ -206,7 +166,7 @@ def _blob_file(registry, digest: str) -> Path:
 
 def test_a_blob_that_does_not_match_its_digest_is_refused(oci_registry, tiny_store, tmp_path):
     reg = oci_registry
-    files = _files(tiny_store / "adapters" / "a")
+    files = files_of(tiny_store / "adapters" / "a")
     files["adapter_model.safetensors"] += b"unique-to-this-test"  # a blob no other test shares
     reg.push_artifact("damaged/a", "v1", files)
     manifest, _ = reg.manifest("damaged/a", "v1")
@@ -215,45 +175,45 @@ def test_a_blob_that_does_not_match_its_digest_is_refused(oci_registry, tiny_sto
     content = bytearray(stored.read_bytes())
     content[-1] ^= 0xFF  # same size, other bytes, behind the registry's back
     stored.write_bytes(bytes(content))
-    reg.push_artifact("adapters/b", "v1", _files(tiny_store / "adapters" / "b"))
-    spec = _spec(f"oci://{reg.host}/damaged/a:v1", f"oci://{reg.host}/adapters/b:v1",
+    reg.push_artifact("adapters/b", "v1", files_of(tiny_store / "adapters" / "b"))
+    spec = spec_of(f"oci://{reg.host}/damaged/a:v1", f"oci://{reg.host}/adapters/b:v1",
                  {"uri": f"oci://{reg.host}/merged/damaged:v1"})
-    code, log, result = _cli(tmp_path, spec)
+    code, log, result = cli(tmp_path, spec)
     assert code == 2 and result["field"] == "spec.adapters[0].uri", log
     assert "does not match its digest" in result["message"]
 
 
 def test_download_bound_counts_blobs_and_unpacked_layers(oci_registry, tiny_store, tmp_path):
     reg = oci_registry
-    reg.push_artifact("adapters/a", "v1", _files(tiny_store / "adapters" / "a"))
+    reg.push_artifact("adapters/a", "v1", files_of(tiny_store / "adapters" / "a"))
     # 8 MiB of zeros: a small gzip layer that unpacks far beyond the bound below.
     reg.push_image("bomb/a", "v1", [tar_of({"data/adapter_model.safetensors": bytes(8 << 20)})])
-    spec = _spec(f"oci://{reg.host}/adapters/a:v1", f"oci://{reg.host}/adapters/a:v1",
+    spec = spec_of(f"oci://{reg.host}/adapters/a:v1", f"oci://{reg.host}/adapters/a:v1",
                  {"uri": f"oci://{reg.host}/merged/bound:v1"}, storage={"maxDownloadBytes": 1000})
-    code, log, _ = _cli(tmp_path, spec, command="validate")
+    code, log, _ = cli(tmp_path, spec, command="validate")
     assert code == 2 and "spec.adapters[0].uri" in log and "maxDownloadBytes" in log, log
     spec["storage"]["maxDownloadBytes"] = 1 << 20
     spec["adapters"][1]["uri"] = f"oci://{reg.host}/bomb/a:v1"
-    code, log, _ = _cli(tmp_path, spec, command="validate")
+    code, log, _ = cli(tmp_path, spec, command="validate")
     assert code == 2 and "spec.adapters[1].uri" in log and "maxDownloadBytes" in log, log
     spec["adapters"][1]["uri"] = f"oci://{reg.host}/adapters/a:v1"
-    code, log, _ = _cli(tmp_path, spec, command="validate")
+    code, log, _ = cli(tmp_path, spec, command="validate")
     assert code == 0 and f"output adapter at oci://{reg.host}/merged/bound:v1" in log, log
 
 
 def test_base_model_and_dataset_from_the_registry(oci_registry, tiny_store, tmp_path):
     reg = oci_registry
-    reg.push_artifact("adapters/a", "v1", _files(tiny_store / "adapters" / "a"))
-    reg.push_artifact("adapters/b", "v1", _files(tiny_store / "adapters" / "b"))
-    reg.push_artifact("models/tiny", "v1", _files(tiny_store / "models" / "tiny"))
+    reg.push_artifact("adapters/a", "v1", files_of(tiny_store / "adapters" / "a"))
+    reg.push_artifact("adapters/b", "v1", files_of(tiny_store / "adapters" / "b"))
+    reg.push_artifact("models/tiny", "v1", files_of(tiny_store / "models" / "tiny"))
     reg.push_artifact("datasets/a", "bad", {"a.jsonl": b'{"prompt": "x", "completion": "y"}\n{"prompt": 3}\n'})
-    spec = _spec(f"oci://{reg.host}/adapters/a:v1", f"oci://{reg.host}/adapters/b:v1",
+    spec = spec_of(f"oci://{reg.host}/adapters/a:v1", f"oci://{reg.host}/adapters/b:v1",
                  {"uri": f"oci://{reg.host}/merged/eval:v1"}, baseModel={"uri": f"oci://{reg.host}/models/tiny:v1"},
                  evaluation={"datasets": [{"name": "a", "adapter": "a", "uri": f"oci://{reg.host}/datasets/a:bad"}]})
     # The reader's own error about the downloaded file names the spec's uri field, not the scratch path.
-    code, log, _ = _cli(tmp_path, spec, command="validate")
+    code, log, _ = cli(tmp_path, spec, command="validate")
     assert code == 2 and "spec.evaluation.datasets[0].uri" in log and "line 2" in log, log
     reg.push_artifact("datasets/a", "good", {"a.jsonl": b'{"prompt": "x", "completion": "y"}\n'})
     spec["evaluation"]["datasets"][0]["uri"] = f"oci://{reg.host}/datasets/a:good"
-    code, log, _ = _cli(tmp_path, spec, command="validate")
+    code, log, _ = cli(tmp_path, spec, command="validate")
     assert code == 0, log
