@@ -154,7 +154,7 @@ def _run_and_report(args: argparse.Namespace) -> int:
         volumes = Volumes.from_args(args.volume)
         from merge_worker.storage.staging import staged
 
-        with staged(spec, volumes) as stage:  # s3:// sources downloaded, an s3:// output pushed
+        with staged(spec, volumes, owner) as stage:  # s3:// sources downloaded, an s3:// output pushed
             if stage.spec.search is not None:
                 from merge_worker.search.runner import run_search as run
             else:
@@ -198,8 +198,9 @@ def _validate(args: argparse.Namespace) -> int:
         volumes = Volumes.from_args(args.volume)
         from merge_worker.storage.staging import staged
 
-        with staged(spec, volumes) as stage:  # s3:// sources are downloaded to a scratch folder and checked
-            inputs = load_inputs(stage.spec, stage.volumes, owner=_owner(args.owner), spec_file=args.file)
+        owner = _owner(args.owner)
+        with staged(spec, volumes, owner) as stage:  # s3:// sources are downloaded to a scratch folder and checked
+            inputs = load_inputs(stage.spec, stage.volumes, owner=owner, spec_file=args.file)
     except SpecError as exc:
         _error(str(exc))
         return EXIT_INVALID

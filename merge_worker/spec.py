@@ -378,8 +378,9 @@ class Storage(_Model):
     region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] | None = None
     """Region of the buckets; unset: us-east-1 (or AWS_REGION)."""
     credentials_secret: Name | None = None
-    """Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) the Job's worker gets as environment;
-    the operator never reads it. The local CLI takes credentials from its environment instead."""
+    """Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN) in the resource's
+    namespace that the Job's worker gets as environment; the operator never reads it. The local CLI
+    takes credentials from its environment instead."""
     max_download_bytes: int = Field(default=256 << 30, ge=1)
     """Refuse to download more than this many bytes in all (default 256 GiB)."""
 
@@ -597,12 +598,16 @@ class AdapterMerge(BaseModel):
 
 
 class StatusOutput(_Model):
-    """The output this generation writes."""
+    """The output this generation writes: claimName and path, or uri."""
 
-    claim_name: str
-    """Claim of the output."""
-    path: str
+    claim_name: str | None = None
+    """Claim of the output (an output on a volume)."""
+    path: str | None = None
     """Path of the output on its claim."""
+    uri: str | None = None
+    """URI of the output (an output pushed to object storage or a registry)."""
+    digest: str | None = None
+    """Digest of the pushed output, when the worker reports one (e.g. sha256:... of an OCI artifact)."""
     format: OutputFormat
     """adapter or merged-model."""
     rank: Union[int, Literal["auto"], None] = None

@@ -23,7 +23,7 @@ _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _NAMESPACE = re.compile(rf"^{_LABEL}$")
 _NAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _UID = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9]{0,127}$")
-_MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists modules and files: megabytes at most
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists modules and files: megabytes at most
 
 
 class OutputConflict(SpecError):
@@ -57,15 +57,22 @@ class Owner:
         return asdict(self)
 
 
+def owner_in_manifest(data: bytes) -> Owner | None:
+    """The owner a manifest's bytes name; None when it names none or cannot be read (such an output is
+    nobody's: only overwrite: true replaces it)."""
+    try:
+        owner = json.loads(data)["owner"]
+        return Owner(str(owner["namespace"]), str(owner["name"]), str(owner["uid"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def recorded_owner(output: Path) -> Owner | None:
-    """The owner the manifest of an existing output names; None when there is none or it is unreadable
-    (such an output is nobody's: only overwrite: true replaces it)."""
+    """The owner the manifest of an existing output folder names (see owner_in_manifest)."""
     try:
         with open(output / MANIFEST_FILE, "rb") as f:
-            manifest = json.loads(f.read(_MAX_MANIFEST_BYTES))
-        owner = manifest["owner"]
-        return Owner(str(owner["namespace"]), str(owner["name"]), str(owner["uid"]))
-    except (OSError, ValueError, KeyError, TypeError):
+            return owner_in_manifest(f.read(MAX_MANIFEST_BYTES))
+    except OSError:
         return None
 
 
@@ -74,10 +81,16 @@ def may_replace(output: Path, display: str, *, overwrite: bool, owner: Owner | N
     what is; raises SpecError / OutputConflict when it may not. `display` names the output in messages."""
     if not output.exists():
         return False
-    existing = recorded_owner(output) if owner is not None else None
-    if existing is not None and existing.uid == owner.uid:
+    return decide_replace(display, recorded_owner(output) if owner is not None else None, overwrite=overwrite,
+                          owner=owner, field=field)
+
+
+def decide_replace(display: str, existing: Owner | None, *, overwrite: bool, owner: Owner | None, field: str) -> bool:
+    """The rule for an output that exists (a folder, or objects under an s3:// prefix) whose manifest
+    names `existing`: True when this run may replace it; raises SpecError / OutputConflict otherwise."""
+    if existing is not None and owner is not None and existing.uid == owner.uid:
         return True  # an earlier generation of the same resource
-    if existing is not None:
+    if existing is not None and owner is not None:
         raise OutputConflict(field, f"{display} belongs to {existing.describe()}, not to {owner.describe()}; "
                                     "an output owned by another resource is never replaced")
     if not overwrite:

@@ -39,6 +39,13 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def is_missing(exc: BaseException) -> bool:
+    """Whether a storage failure says the object or bucket does not exist."""
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code", "")) in _MISSING_CODES
+
+
 def storage_error(exc: BaseException, field: str, uri: str) -> SpecError | None:
     """The SpecError (exit 2) a storage failure means for `field`, or None when it is not bad input."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError

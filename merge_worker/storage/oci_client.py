@@ -26,6 +26,7 @@ RETRY_ATTEMPTS = 4
 _TIMEOUT = (10, 60)  # connect, read (seconds between bytes)
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
+TITLE = "org.opencontainers.image.title"  # an ORAS layer's file name
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 

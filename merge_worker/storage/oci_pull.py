@@ -30,11 +30,10 @@ from typing import Any
 
 from merge_worker.spec import SpecError
 from merge_worker.storage.download import Budget, check_relative_key
-from merge_worker.storage.oci_client import INDEX_TYPES, MANIFEST_TYPES, OciRef, RegistryClient
+from merge_worker.storage.oci_client import INDEX_TYPES, MANIFEST_TYPES, TITLE, OciRef, RegistryClient
 
 MAX_MANIFEST_BYTES = 4 << 20  # the distribution registry's own limit
 BLOB_ATTEMPTS = 3
-TITLE = "org.opencontainers.image.title"
 ORAS_UNPACK = "io.deis.oras.content.unpack"
 KAITO_FOLDER = "data"
 _TAR_TYPES = {"application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+gzip",

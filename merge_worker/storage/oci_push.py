@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 from merge_worker.output.manifest import MANIFEST_FILE
+from merge_worker.output.ownership import MAX_MANIFEST_BYTES, Owner, decide_replace, owner_in_manifest
 from merge_worker.spec import SpecError
-from merge_worker.storage.oci_client import MANIFEST_TYPES, OciRef, RegistryClient, unreachable
+from merge_worker.storage.oci_client import MANIFEST_TYPES, TITLE, OciRef, RegistryClient, unreachable
 
 OUTPUT_FIELD = "spec.output.uri"
 OCI_MANIFEST = MANIFEST_TYPES[0]
@@ -29,27 +30,53 @@ def artifact_type(output_format: str) -> str:
     return f"application/vnd.adaptermerge.{output_format}.v1"
 
 
-def tag_exists(client: RegistryClient, uri: str) -> bool:
+def _existing(client: RegistryClient, uri: str) -> dict | None:
+    """The manifest the output's tag names now, or None when the tag does not exist."""
     ref = OciRef.parse(uri)
-    response = client.request("HEAD", f"{ref.repository}/manifests/{ref.tag}", OUTPUT_FIELD, uri,
+    response = client.request("GET", f"{ref.repository}/manifests/{ref.tag}", OUTPUT_FIELD, uri,
                               headers={"Accept": ", ".join(MANIFEST_TYPES)})
     if response.status_code == 404:
-        return False
-    if response.status_code == 200:
-        return True
-    raise SpecError(OUTPUT_FIELD, f"{uri}: the registry answered HTTP {response.status_code} for the tag")
+        return None
+    if response.status_code != 200:
+        raise SpecError(OUTPUT_FIELD, f"{uri}: the registry answered HTTP {response.status_code} for the tag")
+    try:
+        manifest = response.json()
+    except ValueError:
+        manifest = {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def check_destination(client: RegistryClient, uri: str, overwrite: bool) -> None:
-    """Before anything is merged: an existing tag is replaced only with overwrite (exit 2 otherwise)."""
-    if tag_exists(client, uri) and not overwrite:
-        raise SpecError(OUTPUT_FIELD, f"{uri} already exists; set spec.output.overwrite: true to move the tag"
-                                      " to the new output")
-
-
-def push(client: RegistryClient, folder: Path, uri: str, output_format: str) -> str:
-    """Uploads every file of `folder`, then the manifest under the tag; returns the manifest's digest."""
+def _recorded_owner(client: RegistryClient, uri: str, manifest: dict) -> Owner | None:
+    """The owner the merge-manifest.json layer of the tagged artifact names (None: no such layer, or none
+    named: then the tag is nobody's)."""
     ref = OciRef.parse(uri)
+    for layer in manifest.get("layers") or []:
+        if isinstance(layer, dict) and (layer.get("annotations") or {}).get(TITLE) == MANIFEST_FILE:
+            response = client.request("GET", f"{ref.repository}/blobs/{layer.get('digest')}", OUTPUT_FIELD, uri,
+                                      stream=True)
+            with response:
+                if response.status_code != 200:
+                    return None
+                return owner_in_manifest(response.raw.read(MAX_MANIFEST_BYTES, decode_content=True))
+    return None
+
+
+def check_destination(client: RegistryClient, uri: str, overwrite: bool, owner: Owner | None = None) -> None:
+    """Whether the run may move the tag, by the rule of a volume output (merge_worker/output/ownership.py):
+    a tag whose artifact names this owner (an earlier generation) is replaced; another owner's never is
+    (OutputConflict, exit 2), even with overwrite; anything else only with overwrite."""
+    manifest = _existing(client, uri)
+    if manifest is not None:
+        existing = _recorded_owner(client, uri, manifest) if owner is not None else None
+        decide_replace(uri, existing, overwrite=overwrite, owner=owner, field=OUTPUT_FIELD)
+
+
+def push(client: RegistryClient, folder: Path, uri: str, output_format: str, overwrite: bool,
+         owner: Owner | None) -> str:
+    """Uploads every file of `folder`, then the manifest under the tag; returns the manifest's digest.
+    The tag is checked again first: it may have appeared or changed hands during the merge."""
+    ref = OciRef.parse(uri)
+    check_destination(client, uri, overwrite, owner)
     if not (folder / MANIFEST_FILE).is_file():
         raise RuntimeError(f"{folder} has no {MANIFEST_FILE}; refusing to publish an uncommitted output")
     oras = client.authenticated(OUTPUT_FIELD, uri)
@@ -59,7 +86,7 @@ def push(client: RegistryClient, folder: Path, uri: str, output_format: str) -> 
         name = path.relative_to(folder).as_posix()
         layer = {"mediaType": "application/json" if name.endswith(".json") else "application/octet-stream",
                  "digest": _file_digest(path), "size": path.stat().st_size,
-                 "annotations": {"org.opencontainers.image.title": name}}
+                 "annotations": {TITLE: name}}
         _upload(oras, container, path, layer, uri)
         layers.append(layer)
     with tempfile.NamedTemporaryFile(prefix="adaptermerge-oci-config-") as config:

@@ -33,14 +33,21 @@ class Staged:
     volumes: Volumes
     provenance: dict[str, Any] | None = None  # merged into the manifest: the spec as written, sources
     destination: Any = None  # _S3 or _Oci for a uri output
+    owner: Any = None  # the --owner the output belongs to (merge_worker/output/ownership.py)
     uri_fields: dict[str, str] = field(default_factory=dict)  # staged "spec.X.path" -> "spec.X.uri"
 
     def publish(self, outcome: Any) -> None:
         """Pushes a published output to its URI and points the result at it."""
-        if self.destination is None or not outcome.result.get("published"):
+        if self.destination is None:
             return
         uri = self.destination.uri
-        pushed = self.destination.push(outcome.output, self.spec.output.format)
+        # The run's message names the scratch path the output was built at; the user knows the uri.
+        if outcome.result.get("message"):
+            outcome.result["message"] = outcome.result["message"].replace(self.spec.output.path, uri)
+        if not outcome.result.get("published"):
+            return
+        pushed = self.destination.push(outcome.output, self.spec.output.format, self.spec.output.overwrite,
+                                       self.owner)
         outcome.result["output"] = {"uri": uri, "format": self.spec.output.format, **pushed}
 
     def rename(self, exc: SpecError) -> SpecError:
@@ -53,7 +60,9 @@ class Staged:
 
 
 @contextmanager
-def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
+def staged(spec: AdapterMergeSpec, volumes: Volumes, owner: Any = None) -> Iterator[Staged]:
+    """owner: the resource the output belongs to (--owner, an ownership.Owner), checked against the
+    manifest of an s3:// or oci:// output before it is replaced."""
     remote = [(where, ref) for where, ref in spec.refs() if ref.uri is not None]
     if not remote:
         yield Staged(spec, volumes)
@@ -78,7 +87,7 @@ def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
             listed.append((where, ref, source))
         if spec.output.uri is not None:
             destination = clients.source(spec.output.uri, "spec.output.uri", output=True)
-            destination.check(spec.output.overwrite)
+            destination.check(spec.output.overwrite, owner)
             replacements[id(spec.output)] = _on_scratch(spec.output, f"output/{destination.name or 'output'}")
             uri_fields["spec.output.path"] = "spec.output.uri"
         for where, ref, source in listed:
@@ -90,7 +99,7 @@ def staged(spec: AdapterMergeSpec, volumes: Volumes) -> Iterator[Staged]:
         provenance = {"spec": spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
                       "output": spec.output.model_dump(mode="json", by_alias=True), "sources": sources}
         stage = Staged(_rewritten(spec, replacements), Volumes(volumes.mapping | {SCRATCH_CLAIM: scratch}),
-                       provenance, destination, uri_fields)
+                       provenance, destination, owner, uri_fields)
         try:
             yield stage
         except SpecError as exc:
@@ -144,15 +153,15 @@ class _S3:
             files[obj.relative or target.name] = download(self.client, self.uri, obj, target, scratch, self.field)
         return local, {"files": files}
 
-    def check(self, overwrite: bool) -> None:
+    def check(self, overwrite: bool, owner: Any) -> None:
         from merge_worker.storage.upload import check_destination
 
-        check_destination(self.client, self.uri, overwrite)
+        check_destination(self.client, self.uri, overwrite, owner)
 
-    def push(self, folder: Path, output_format: str) -> dict:
+    def push(self, folder: Path, output_format: str, overwrite: bool, owner: Any) -> dict:
         from merge_worker.storage.upload import push
 
-        push(self.client, folder, self.uri)
+        push(self.client, folder, self.uri, overwrite, owner)
         return {}
 
 
@@ -184,15 +193,15 @@ class _Oci:
         return local, {"digest": self.resolved.digest, "mediaType": self.resolved.media_type,
                        "layout": self.resolved.layout, "files": files}
 
-    def check(self, overwrite: bool) -> None:
+    def check(self, overwrite: bool, owner: Any) -> None:
         from merge_worker.storage.oci_push import check_destination
 
-        check_destination(self.client, self.uri, overwrite)
+        check_destination(self.client, self.uri, overwrite, owner)
 
-    def push(self, folder: Path, output_format: str) -> dict:
+    def push(self, folder: Path, output_format: str, overwrite: bool, owner: Any) -> dict:
         from merge_worker.storage.oci_push import push
 
-        return {"digest": push(self.client, folder, self.uri, output_format)}
+        return {"digest": push(self.client, folder, self.uri, output_format, overwrite, owner)}
 
 
 def _on_scratch(ref: PathRef, path: str) -> PathRef:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from merge_worker.output.manifest import MANIFEST_FILE
-from merge_worker.spec import SpecError
-from merge_worker.storage.client import split_uri, storage_error
+from merge_worker.output.ownership import MAX_MANIFEST_BYTES, Owner, decide_replace, owner_in_manifest
+from merge_worker.storage.client import is_missing, split_uri, storage_error
 
 OUTPUT_FIELD = "spec.output.uri"
 
@@ -34,17 +34,37 @@ def existing_keys(client: Any, uri: str) -> list[str]:
     return keys
 
 
-def check_destination(client: Any, uri: str, overwrite: bool) -> None:
-    """Before anything is merged: an existing output is replaced only with overwrite (exit 2 otherwise)."""
-    if existing_keys(client, uri) and not overwrite:
-        raise SpecError(OUTPUT_FIELD, f"{uri} already holds objects; set spec.output.overwrite: true to"
-                                      " replace them")
-
-
-def push(client: Any, folder: Path, uri: str) -> list[str]:
-    """Uploads every file of `folder` under the prefix, the manifest last; returns the keys written."""
+def _recorded_owner(client: Any, uri: str) -> Owner | None:
+    """The owner named by the manifest object of the output at `uri` (None: no manifest, or none named)."""
     bucket, prefix = _prefix(uri)
-    old = set(existing_keys(client, uri))
+    try:
+        body = client.get_object(Bucket=bucket, Key=prefix + MANIFEST_FILE)["Body"]
+        return owner_in_manifest(body.read(MAX_MANIFEST_BYTES))
+    except Exception as exc:  # noqa: BLE001
+        if is_missing(exc):
+            return None  # objects without a manifest: no finished output, nobody's
+        raise storage_error(exc, OUTPUT_FIELD, uri) or exc from None
+
+
+def check_destination(client: Any, uri: str, overwrite: bool, owner: Owner | None = None) -> set[str]:
+    """Whether the run may write the output at `uri`, by the rule of a volume output
+    (merge_worker/output/ownership.py): objects under the prefix whose manifest names this owner (an
+    earlier generation) are replaced; another owner's never are (OutputConflict, exit 2), even with
+    overwrite; anything else only with overwrite. Returns the keys there now (empty: nothing)."""
+    keys = set(existing_keys(client, uri))
+    if keys:
+        existing = _recorded_owner(client, uri) if owner is not None else None
+        decide_replace(f"{uri} (it holds {len(keys)} objects)", existing, overwrite=overwrite, owner=owner,
+                       field=OUTPUT_FIELD)
+    return keys
+
+
+def push(client: Any, folder: Path, uri: str, overwrite: bool, owner: Owner | None) -> list[str]:
+    """Uploads every file of `folder` under the prefix, the manifest last; returns the keys written.
+    The destination is checked again first: the output may have appeared or changed hands during the
+    merge, and then nothing is deleted or uploaded."""
+    bucket, prefix = _prefix(uri)
+    old = check_destination(client, uri, overwrite, owner)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest = folder / MANIFEST_FILE
     if not manifest.is_file():

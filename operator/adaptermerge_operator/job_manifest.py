@@ -89,6 +89,21 @@ def worker_command(merge: Mapping[str, Any], spec: AdapterMergeSpec) -> list[str
     return command + ["--owner", owner_of(merge), "--device", "auto", "--result-file", TERMINATION_LOG]
 
 
+# The keys of spec.storage.credentialsSecret, each the environment variable of boto3's credential chain
+# it becomes (docs/storage.md); the session token is optional (temporary credentials only).
+CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def storage_env(spec: AdapterMergeSpec) -> list[dict[str, Any]]:
+    """The worker's S3 credentials as env from secretKeyRef: the kubelet reads the Secret, the operator
+    never does (it has no RBAC on Secrets). Endpoint and region stay in the spec the worker reads."""
+    secret = spec.storage.credentials_secret if spec.storage else None
+    if secret is None:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
+            for key, optional in CREDENTIAL_KEYS]
+
+
 def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
     resources = spec.job.resources_dict()
     if spec.job.gpus > 0:
@@ -126,8 +141,10 @@ def _container(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Setti
         "name": CONTAINER,
         "image": settings.worker_image,
         "command": worker_command(merge, spec),
-        # The root filesystem is read-only: caches and home go to the scratch emptyDir.
-        "env": [{"name": "HOME", "value": "/tmp"}, *auth_env],
+        # The root filesystem is read-only: caches, home and the downloads of s3:// and oci:// sources
+        # (TMPDIR, merge_worker/storage/staging.py) go to the scratch emptyDir.
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}, *storage_env(spec),
+                *auth_env],
         "resources": _resources(spec, settings),
         "securityContext": {
             "runAsNonRoot": True,

@@ -130,7 +130,7 @@ async def ensure_job(ctx: Context, merge: dict[str, Any]) -> bool:
             await ctx.api.run(ctx.api.add_job_finalizer, meta["namespace"], job_meta["name"], names.FINALIZER)
         return True
     mine = outputs.claim(merge)
-    conflict = outputs.conflict(mine, ctx.outputs.get(meta["namespace"], ())) if mine else ""
+    conflict = outputs.conflict(mine, outputs.everyone(ctx.outputs)) if mine else ""
     if conflict:
         await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], status.Facts(output_conflict=conflict))
         return False
@@ -216,7 +216,8 @@ async def release_job(ctx: Context, job: Mapping[str, Any]) -> None:
 
 async def check_stuck_run(ctx: Context, merge: Mapping[str, Any]) -> None:
     """Periodic check of a run that has not finished: a Job that cannot create its pod reports it only
-    in FailedCreate events, and a pod waiting for a node fails only when time passes."""
+    in FailedCreate events, and a pod waiting for a node (or whose container cannot be created: a missing
+    Secret) fails only when time passes."""
     job = ctx.run_job(merge)
     if job is None or (job.get("spec") or {}).get("suspend") or status.judge_job_finished(job):
         return
@@ -229,7 +230,7 @@ async def check_stuck_run(ctx: Context, merge: Mapping[str, Any]) -> None:
             since = min(e.get("firstTimestamp") or e.get("eventTime") or e["metadata"]["creationTimestamp"] for e in events)
             latest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
             facts = status.Facts(pod_creation_failure=(latest.get("message") or "FailedCreate", since))
-    elif not any(status.waits_for_node(p) for p in job_pods[-1:]):
+    elif not any(status.waits_for_node(p) or status.cannot_start(p) for p in job_pods[-1:]):
         return  # a pod that runs or starts: its own events drive the status
     await refresh_status(ctx, meta["namespace"], meta["name"], meta["uid"], facts)
 

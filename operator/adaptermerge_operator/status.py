@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_spec
 
-from adaptermerge_operator import names
+from adaptermerge_operator import names, outputs
 from adaptermerge_operator.job_manifest import CONTAINER
 
 READY = "Ready"
@@ -152,6 +152,25 @@ def waits_for_node(pod: Mapping[str, Any]) -> bool:
                for c in (pod.get("status") or {}).get("conditions") or [])
 
 
+# The kubelet cannot build the worker's container: in a merge Job, a Secret its env names (spec.storage.
+# credentialsSecret) or a key of it is missing. The kubelet retries; the run fails after the timeout.
+CONFIG_ERROR = "CreateContainerConfigError"
+
+
+def cannot_start(pod: Mapping[str, Any]) -> bool:
+    """A pod whose worker container the kubelet cannot create (CreateContainerConfigError)."""
+    return (_worker_state(pod).get("waiting") or {}).get("reason") == CONFIG_ERROR
+
+
+def _config_error_hint(spec: AdapterMergeSpec) -> str:
+    """Which Secret the Job's env names (from the spec: the operator never reads Secrets)."""
+    secret = spec.storage.credentials_secret if spec.storage else None
+    if secret is None:
+        return ""
+    return (f" (spec.storage.credentialsSecret names Secret {secret!r}: it must exist in the resource's namespace"
+            " with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, docs/storage.md)")
+
+
 def _timed_out(since: str | None, now: str, timeout: int) -> bool:
     return bool(timeout and since) and _seconds(now) - _seconds(since) >= timeout
 
@@ -174,7 +193,8 @@ def _ended_attempt(pod: Mapping[str, Any]) -> str:
     return f"failed with exit code {terminated.get('exitCode')}" + (f": {why}" if why else "")
 
 
-def _waiting(job: Mapping[str, Any], job_pods: list[Mapping[str, Any]], facts: Facts, now: str) -> Verdict:
+def _waiting(job: Mapping[str, Any], job_pods: list[Mapping[str, Any]], spec: AdapterMergeSpec, facts: Facts,
+             now: str) -> Verdict:
     """The Job has no verdict yet: where is its current attempt?"""
     if (job.get("spec") or {}).get("suspend") or _true_condition(job, "Suspended"):
         queue = (job.get("metadata") or {}).get("labels", {}).get(names.LABEL_QUEUE)
@@ -199,6 +219,10 @@ def _waiting(job: Mapping[str, Any], job_pods: list[Mapping[str, Any]], facts: F
     if phase == "Running":
         return Verdict("Running", "JobRunning", f"worker pod {name} is running{retry}")
     waiting = state.get("waiting") or {}
+    if waiting.get("reason") == CONFIG_ERROR:
+        since = (current.get("status") or {}).get("startTime") or current["metadata"].get("creationTimestamp")
+        message = f"worker pod {name} cannot start: {waiting.get('message') or CONFIG_ERROR}{_config_error_hint(spec)}"
+        return _stuck(CONFIG_ERROR, message + retry, since, now, facts)
     if waiting.get("reason"):
         text = f"{waiting['reason']}: {waiting.get('message', '')}".strip(": ")
         return Verdict("Pending", "JobPending", f"worker pod {name}: {text}{retry}")
@@ -233,15 +257,14 @@ def judge(
         return Verdict("Pending", "JobPending", "creating the merge Job")
     if _true_condition(job, "Complete", "SuccessCriteriaMet"):
         message = (report or {}).get("message") or (
-            f"merged {len(spec.adapters)} adapters with {spec.method} into "
-            f"{spec.claim_of(spec.output)}:{spec.output.path}"
+            f"merged {len(spec.adapters)} adapters with {spec.method} into {outputs.describe(spec)}"
         )
         return Verdict("Succeeded", "MergeSucceeded", message)
     # FailureTarget comes first and is already final; Failed follows once every pod has stopped.
     failed = _true_condition(job, "FailureTarget", "Failed")
     if failed:
         return _failure(job, failed, report, raw)
-    return _waiting(job, job_pods, facts, now)
+    return _waiting(job, job_pods, spec, facts, now)
 
 
 def _condition(type_: str, true: bool, verdict: Verdict, generation: int, previous: list[dict], now: str) -> dict:
@@ -276,14 +299,18 @@ def _result(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _output(spec: AdapterMergeSpec, report: dict[str, Any] | None) -> dict[str, Any]:
-    output = {
-        "claimName": spec.claim_of(spec.output),
-        "path": spec.output.path,
-        "format": spec.output.format,
-        "rank": spec.output.rank,
-    }
+    """Where the output goes (claimName and path, or uri), its format and rank, and the digest the
+    worker reports for an output it pushed (a registry's manifest digest, docs/interfaces.md #5)."""
+    if spec.output.uri is not None:
+        output: dict[str, Any] = {"uri": spec.output.uri}
+    else:
+        output = {"claimName": spec.claim_of(spec.output), "path": spec.output.path}
+    output |= {"format": spec.output.format, "rank": spec.output.rank}
     if report and isinstance(report.get("rank"), int):
         output["rank"] = report["rank"]  # what was written, when the spec said "auto"
+    published = (report or {}).get("output")
+    if isinstance(published, dict) and isinstance(published.get("digest"), str):
+        output["digest"] = published["digest"]
     return output
 
 

@@ -2,7 +2,8 @@
 
 Rendered rules are compared with the contract; then, against the real control plane, the operator's
 identity from support.chart_identity is asked (SelfSubjectAccessReview, what `kubectl auth can-i`
-sends) whether it may do each contract action, and whether it may read Secrets (it may not).
+sends) whether it may do each contract action, and whether it may read Secrets (it may not), even the
+one spec.storage.credentialsSecret names while it creates the Job that uses it (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
+import yaml
 from support.chart_identity import operator_kubeconfig, worker_service_account
 from support.control_plane import wait_until
+
+from merge_worker.spec import parse_spec
+
+from adaptermerge_operator import job_manifest
+from adaptermerge_operator.settings import Settings
 
 # docs/interfaces.md #10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
 # kopf: list/watch and patch of the resource and its status, core/v1 event posts, peering; the
@@ -35,11 +42,10 @@ CLUSTER_WIDE_ONLY = {
     ("", "namespaces", ""): {"list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions", ""): {"list", "watch"},
 }
+# The operator never touches a Secret: the Job's env names one (secretKeyRef) and the kubelet reads it.
+SECRETS = [(verb, "", "secrets", "") for verb in ("get", "list", "watch", "create", "update", "patch", "delete")]
 # Things the operator never does; each must be denied.
-FORBIDDEN = [
-    ("get", "", "secrets", ""),
-    ("list", "", "secrets", ""),
-    ("watch", "", "secrets", ""),
+FORBIDDEN = SECRETS + [
     ("create", "", "pods", ""),
     ("delete", "", "pods", ""),
     ("delete", "adaptermerge.io", "adaptermerges", ""),
@@ -158,11 +164,40 @@ def test_cluster_wide_identity_can_do_the_contract_and_cannot_read_secrets(contr
     cluster = checks_of(CLUSTER_WIDE_ONLY)
     assert wrongly_answered(control_plane, kubeconfig, cluster, None, allowed=True) == []
     assert wrongly_answered(control_plane, kubeconfig, FORBIDDEN, namespace, allowed=False) == []
-    no_secrets_anywhere = FORBIDDEN[:3]
+    no_secrets_anywhere = SECRETS
     assert wrongly_answered(control_plane, kubeconfig, no_secrets_anywhere, None, allowed=False) == []
     # The plain kubectl answer a person would ask for, too.
     answer = control_plane.kubectl("auth", "can-i", "get", "secrets", "-n", namespace, kubeconfig=kubeconfig, check=False)
     assert answer.stdout.strip() == "no"
+
+
+@pytest.mark.cluster
+def test_the_operator_creates_the_job_that_uses_a_credentials_secret_it_cannot_read(control_plane, chart_crds, namespace):
+    """spec.storage.credentialsSecret needs no Secret RBAC: the operator's identity creates the Job whose
+    env takes the keys from the Secret (secretKeyRef), and may still not read that Secret by name."""
+    kubeconfig = operator_kubeconfig(control_plane, namespace)
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+              "stringData": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"}}
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(secret))
+    merge = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge",
+             "metadata": {"name": "from-a-bucket", "namespace": namespace},
+             "spec": {"storage": {"endpoint": "http://s3.example:9000", "credentialsSecret": "s3-credentials"},
+                      "adapters": [{"name": "a", "uri": "s3://adapters/a"}, {"name": "b", "uri": "s3://adapters/b"}],
+                      "method": "linear", "output": {"uri": "s3://merged/dev"}}}
+    created = control_plane.kubectl("create", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(merge))
+    merge = json.loads(created.stdout)
+    job = job_manifest.render_job(merge, parse_spec(merge["spec"]), Settings())
+    [worker] = job["spec"]["template"]["spec"]["containers"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in worker["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {"s3-credentials"}, worker["env"]
+
+    done = control_plane.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(job),
+                                 kubeconfig=kubeconfig, check=False)
+    assert done.returncode == 0, done.stderr
+    for verb in ("get", "watch", "update", "delete"):
+        answer = control_plane.kubectl("auth", "can-i", verb, "secret/s3-credentials", "-n", namespace,
+                                       kubeconfig=kubeconfig, check=False)
+        assert answer.stdout.strip() == "no", (verb, answer.stdout, answer.stderr)
 
 
 @pytest.mark.cluster

@@ -167,3 +167,46 @@ def test_long_names_are_shortened_within_kubernetes_limits(objects, settings):
     assert len(job["metadata"]["labels"][names.LABEL_NAME]) <= 63
     assert job["metadata"]["annotations"][names.ANNOTATION_OWNER] == long_name
     assert job_manifest.render_configmap(merge)["metadata"]["name"] == name
+
+
+S3_SPEC = {
+    "storage": {"endpoint": "http://s3.example:9000", "region": "eu-west-1", "credentialsSecret": "s3-credentials"},
+    "adapters": [{"name": "a", "uri": "s3://adapters/a"}, {"name": "b", "uri": "s3://adapters/b"}],
+    "method": "linear",
+    "output": {"uri": "s3://merged/dev", "rank": 4},
+}
+
+
+def test_credentials_secret_reaches_the_worker_as_env_from_secret_key_refs(objects, settings):
+    """The Job references the Secret by name and key: the operator never reads its data."""
+    merge, job = render(objects, settings, S3_SPEC)
+    env = {e["name"]: e for e in worker(job)["env"]}
+    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
+    assert refs == {
+        "AWS_ACCESS_KEY_ID": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID", "optional": False},
+        "AWS_SECRET_ACCESS_KEY": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY", "optional": False},
+        "AWS_SESSION_TOKEN": {"name": "s3-credentials", "key": "AWS_SESSION_TOKEN", "optional": True},
+    }
+    # Endpoint and region reach the worker through the spec it reads, not through the Job.
+    document = yaml.safe_load(job_manifest.render_configmap(merge)["data"]["adaptermerge.yaml"])
+    assert document["spec"]["storage"] == S3_SPEC["storage"]
+    # No Secret is mounted, and nothing but env names it.
+    assert not any("secret" in v for v in pod_spec(job)["volumes"])
+    assert "s3-credentials" not in yaml.safe_dump(job["metadata"]) + " ".join(worker(job)["command"])
+
+
+def test_a_spec_of_uris_only_needs_no_claim_but_gets_its_scratch_space(objects, settings):
+    _, job = render(objects, settings, S3_SPEC)
+    assert not any("persistentVolumeClaim" in v for v in pod_spec(job)["volumes"])
+    assert "--volume" not in worker(job)["command"]
+    [tmp] = [v for v in pod_spec(job)["volumes"] if v["name"] == "tmp"]
+    assert "emptyDir" in tmp
+    assert {"name": "tmp", "mountPath": "/tmp"} in worker(job)["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in worker(job)["env"]}
+    assert env["TMPDIR"] == "/tmp", "the downloads land in the scratch emptyDir"
+
+
+def test_no_credentials_secret_no_credential_env(objects, settings):
+    spec = {**S3_SPEC, "storage": {"endpoint": "http://s3.example:9000"}}
+    _, job = render(objects, settings, spec)
+    assert not [e for e in worker(job)["env"] if e["name"].startswith("AWS_")]

@@ -266,3 +266,60 @@ def test_a_worker_that_exited_0_is_not_pending_again(objects):
     finished = objects.pod(phase="Succeeded", state=objects.terminated(0, objects.summary(0, "merged")))
     result = status.desired_status(merge, [objects.job()], [finished], NOW)  # the Job is not Complete yet
     assert result["phase"] == "Running" and "finished" in ready(result)["message"]
+
+
+S3_SPEC = {
+    "adapters": [{"name": "a", "uri": "s3://adapters/a"}, {"name": "b", "uri": "s3://adapters/b"}],
+    "method": "linear",
+    "output": {"uri": "s3://merged/dev", "rank": "auto"},
+}
+
+
+def test_a_uri_output_is_reported_by_its_uri(objects):
+    """No volume, no claim: status.output names the uri; the worker's digest, when it gives one, too."""
+    pending = status.desired_status(objects.merge(S3_SPEC), [objects.job(startTime=EARLIER)], [], NOW)
+    assert pending["output"] == {"uri": "s3://merged/dev", "format": "adapter", "rank": "auto"}
+    job = objects.job(conditions=[objects.condition("Complete")])
+    summary = objects.summary(0, "merged 4 modules with linear into s3://merged/dev", rank=6,
+                              output={"uri": "s3://merged/dev", "format": "adapter"})
+    pod = objects.pod(phase="Succeeded", state=objects.terminated(0, summary))
+    done = status.desired_status(objects.merge(S3_SPEC), [job], [pod], NOW)
+    assert done["output"] == {"uri": "s3://merged/dev", "format": "adapter", "rank": 6}
+    assert ready(done)["reason"] == "MergeSucceeded"
+    pushed = objects.summary(0, "pushed", rank=6, output={"uri": "s3://merged/dev", "format": "adapter",
+                                                          "digest": "sha256:" + "ab" * 32})
+    pod = objects.pod(phase="Succeeded", state=objects.terminated(0, pushed))
+    assert status.desired_status(objects.merge(S3_SPEC), [job], [pod], NOW)["output"]["digest"] == "sha256:" + "ab" * 32
+    # Without the worker's summary the message names the uri (a Job completed, its pod gone).
+    gone = status.desired_status(objects.merge(S3_SPEC), [job], [], NOW)
+    assert ready(gone)["message"] == "merged 2 adapters with linear into s3://merged/dev"
+
+
+def test_the_status_model_and_crd_take_a_uri_output(objects):
+    from merge_worker import crd
+    from merge_worker.spec import AdapterMergeStatus
+
+    output = {"uri": "s3://merged/dev", "format": "adapter", "rank": 6, "digest": "sha256:" + "ab" * 32}
+    assert AdapterMergeStatus.model_validate({"output": output}).output.uri == "s3://merged/dev"
+    schema = crd.crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert set(schema["properties"]["output"]["properties"]) >= {"uri", "digest", "claimName", "path"}
+    assert set(schema["properties"]["output"].get("required", [])) <= {"format"}
+
+
+def test_a_missing_credentials_secret_names_the_secret_then_fails(objects):
+    """The kubelet cannot build the worker's env (CreateContainerConfigError): the verdict names the
+    Secret from the spec (the operator never reads it), and the run fails after the scheduling timeout."""
+    spec = {**S3_SPEC, "storage": {"credentialsSecret": "s3-credentials"}}
+    waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}}
+    pod = objects.pod(state=waiting)
+    pod["status"]["startTime"] = EARLIER
+    job = objects.job()
+    result = status.desired_status(objects.merge(spec), [job], [pod], NOW, status.Facts(scheduling_timeout=900))
+    assert (result["phase"], ready(result)["reason"]) == ("Pending", "CreateContainerConfigError")
+    message = ready(result)["message"]
+    assert 'secret "s3-credentials" not found' in message
+    assert "spec.storage.credentialsSecret names Secret 's3-credentials'" in message
+    assert status.cannot_start(pod) and not status.cannot_start(objects.pod(phase="Running"))
+    failed = status.desired_status(objects.merge(spec), [job], [pod], NOW, status.Facts(scheduling_timeout=30))
+    assert (failed["phase"], ready(failed)["reason"]) == ("Failed", "CreateContainerConfigError")
+    assert "(for 30s; the Job was stopped)" in ready(failed)["message"]

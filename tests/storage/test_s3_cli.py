@@ -181,3 +181,70 @@ def test_evaluation_dataset_is_one_object(s3_server, bucket, tiny_store, tmp_pat
     spec["evaluation"]["datasets"][0]["uri"] = f"s3://{bucket}/eval/missing.jsonl"
     code, log, _ = _cli(tmp_path, spec, s3_server.env(), command="validate")
     assert code == 2 and "spec.evaluation.datasets[0].uri" in log and "not found" in log, log
+
+
+def test_owner_decides_who_replaces_an_s3_output(s3_server, bucket, tiny_store, tmp_path):
+    """--owner on an s3:// output: the rule of a volume output (merge_worker/output/ownership.py)."""
+    s3_server.upload_folder(tiny_store / "adapters", bucket, "adapters")
+    uri = f"s3://{bucket}/merged/owned"
+    first, other = "team/first/uid-1", "team/second/uid-2"
+    code, log, _ = _cli(tmp_path, _spec(s3_server, bucket, {"uri": uri}), s3_server.env(), extra=("--owner", first))
+    assert code == 0, log
+    written = _objects(s3_server, bucket, "merged/owned/")
+    assert json.loads(written["merged/owned/merge-manifest.json"])["owner"]["uid"] == "uid-1"
+
+    # Another resource may not replace it, not even with overwrite: exit 2, OutputConflict, nothing deleted.
+    for command in ("validate", "run"):
+        code, log, result = _cli(tmp_path, _spec(s3_server, bucket, {"uri": uri, "overwrite": True}),
+                                 s3_server.env(), command=command, extra=("--owner", other))
+        assert code == 2, log
+        assert "team/first (uid uid-1)" in log and "spec.output.uri" in log, log
+        if command == "run":
+            assert (result["reason"], result["field"]) == ("OutputConflict", "spec.output.uri"), result
+        assert _objects(s3_server, bucket, "merged/owned/") == written
+
+    # The same resource (a later generation) replaces its own output without overwrite.
+    spec = _spec(s3_server, bucket, {"uri": uri})
+    spec["method"] = "ties"
+    spec["parameters"] = {"density": 0.5}
+    code, log, result = _cli(tmp_path, spec, s3_server.env(), extra=("--owner", first))
+    assert code == 0, log
+    assert result["message"].endswith(f"into {uri}"), result  # the uri, not the scratch folder
+    replaced = _objects(s3_server, bucket, "merged/owned/")
+    assert json.loads(replaced["merged/owned/merge-manifest.json"])["spec"]["method"] == "ties"
+
+    # Objects without a manifest belong to no one: overwrite decides, as without --owner.
+    s3_server.client().put_object(Bucket=bucket, Key="merged/loose/data.bin", Body=b"x")
+    loose = _spec(s3_server, bucket, {"uri": f"s3://{bucket}/merged/loose"})
+    code, log, result = _cli(tmp_path, loose, s3_server.env(), extra=("--owner", other))
+    assert code == 2 and result["reason"] == "InvalidSpec" and "overwrite" in result["message"], log
+    loose["output"]["overwrite"] = True
+    code, log, _ = _cli(tmp_path, loose, s3_server.env(), extra=("--owner", other))
+    assert code == 0, log
+    assert "merged/loose/data.bin" not in _objects(s3_server, bucket, "merged/loose/")
+
+
+def test_an_output_that_changes_hands_during_the_merge_is_not_replaced(s3_server, bucket, tmp_path, monkeypatch):
+    """The destination is checked again just before the push: another resource's output that appeared
+    meanwhile is left alone (OutputConflict, exit 2) and nothing of it is deleted."""
+    from merge_worker.output.ownership import OutputConflict, Owner
+    from merge_worker.spec import Storage
+    from merge_worker.storage.client import make_client
+    from merge_worker.storage.upload import push
+
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "adapter_model.safetensors").write_bytes(b"new")
+    (built / "merge-manifest.json").write_text(json.dumps({"owner": {"namespace": "team", "name": "first",
+                                                                     "uid": "uid-1"}}))
+    theirs = {"merged/x/merge-manifest.json": json.dumps({"owner": {"namespace": "team", "name": "second",
+                                                                    "uid": "uid-2"}}).encode(),
+              "merged/x/adapter_model.safetensors": b"theirs"}
+    for key, body in theirs.items():
+        s3_server.client().put_object(Bucket=bucket, Key=key, Body=body)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    client = make_client(Storage(endpoint=s3_server.endpoint))
+    with pytest.raises(OutputConflict, match="team/second"):
+        push(client, built, f"s3://{bucket}/merged/x", True, Owner("team", "first", "uid-1"))
+    assert _objects(s3_server, bucket, "merged/x/") == theirs

@@ -70,6 +70,10 @@ class _NotReady(Exception):
     """A volume's source (ConfigMap, Secret) does not exist yet: retry, like the kubelet does."""
 
 
+class _ConfigError(Exception):
+    """An env source (a Secret or ConfigMap, or its key) is missing: CreateContainerConfigError, retried."""
+
+
 def path_rewriter(mapping: dict[str, str]):
     """Replaces each container path in `mapping` by its local path, only where it is a whole path prefix
     (so '/tmp' rewrites '/tmp/x' and 'out=/tmp' but not '/var/tmp' or '/tmpfoo')."""
@@ -229,28 +233,29 @@ class _PodRun:
 
     def _prepare(self):
         """(argv, env, working dir, termination-message file), waiting for missing ConfigMaps/Secrets."""
+        container = self.container
+        termination_file = self.folder / "termination-log"
         while True:
             try:
                 volumes = {v["name"]: self._volume_folder(v) for v in self.pod["spec"].get("volumes", [])}
+                paths = {container.get("terminationMessagePath", "/dev/termination-log"): str(termination_file)}
+                for mount in container.get("volumeMounts", []):
+                    local = volumes[mount["name"]] / mount.get("subPath", "")
+                    if not local.exists():  # a subPath names a file or folder inside the volume
+                        local.mkdir(parents=True)
+                    paths[mount["mountPath"].rstrip("/") or "/"] = str(local)
+                rewrite = path_rewriter(paths)
+                container_env = {}
+                for var in container.get("env", []):
+                    value = var["value"] if "value" in var else self._env_source(var.get("valueFrom", {}))
+                    if value is not None:  # None: an optional source that is missing
+                        container_env[var["name"]] = rewrite(expand_env_references(value, container_env))
                 break
-            except _NotReady as missing:
-                self._report("Pending", _state("waiting", reason="ContainerCreating", message=str(missing)))
+            except (_NotReady, _ConfigError) as missing:
+                reason = "CreateContainerConfigError" if isinstance(missing, _ConfigError) else "ContainerCreating"
+                self._report("Pending", _state("waiting", reason=reason, message=str(missing)))
                 if self._ending(wait=1.0):
                     return None, None, None, None
-        container = self.container
-        termination_file = self.folder / "termination-log"
-        paths = {container.get("terminationMessagePath", "/dev/termination-log"): str(termination_file)}
-        for mount in container.get("volumeMounts", []):
-            local = volumes[mount["name"]] / mount.get("subPath", "")
-            if not local.exists():  # a subPath names a file or folder inside the volume
-                local.mkdir(parents=True)
-            paths[mount["mountPath"].rstrip("/") or "/"] = str(local)
-        rewrite = path_rewriter(paths)
-
-        container_env = {}
-        for var in container.get("env", []):
-            value = var["value"] if "value" in var else self._env_source(var.get("valueFrom", {}))
-            container_env[var["name"]] = rewrite(expand_env_references(value, container_env))
         env = {**os.environ, **container_env}
         if "PATH" not in container_env:
             # The venv's console scripts (adaptermerge) stand in for what the image would provide.
@@ -300,7 +305,7 @@ class _PodRun:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(value if isinstance(value, bytes) else value.encode())
 
-    def _env_source(self, source: dict) -> str:
+    def _env_source(self, source: dict) -> str | None:
         if "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
             values = {"metadata.name": self.name, "metadata.namespace": self.namespace,
@@ -310,7 +315,20 @@ class _PodRun:
             return values[path]
         for key, kind in (("configMapKeyRef", "config_map"), ("secretKeyRef", "secret")):
             if key in source:
-                value = self._read(kind, source[key]).get(source[key]["key"], "")
+                # Like the kubelet: a missing source or key is CreateContainerConfigError (retried), unless
+                # the reference is optional, which leaves the variable unset.
+                ref, title = source[key], "ConfigMap" if kind == "config_map" else "Secret"
+                try:
+                    data = self._read(kind, {**ref, "optional": False})
+                except _NotReady as missing:
+                    if ref.get("optional"):
+                        return None
+                    raise _ConfigError(str(missing)) from None
+                if ref["key"] not in data:
+                    if ref.get("optional"):
+                        return None
+                    raise _ConfigError(f"couldn't find key {ref['key']} in {title} {self.namespace}/{ref['name']}")
+                value = data[ref["key"]]
                 return base64.b64decode(value).decode() if kind == "secret" else value
         raise ValueError(f"test kubelet: unsupported env source {source}")
 
