@@ -217,3 +217,26 @@ def test_base_model_and_dataset_from_the_registry(oci_registry, tiny_store, tmp_
     spec["evaluation"]["datasets"][0]["uri"] = f"oci://{reg.host}/datasets/a:good"
     code, log, _ = cli(tmp_path, spec, command="validate")
     assert code == 0, log
+
+
+def test_the_tag_owner_decides_like_a_volume_output(oci_registry, tiny_store, tmp_path):
+    """--owner on an oci:// output: the owner recorded in the tagged artifact's merge-manifest.json is
+    checked as for a volume output (docs/cli.md, "Who may replace an output")."""
+    reg = oci_registry
+    reg.push_artifact("adapters/a", "v1", files_of(tiny_store / "adapters" / "a"))
+    reg.push_artifact("adapters/b", "v1", files_of(tiny_store / "adapters" / "b"))
+    spec = spec_of(f"oci://{reg.host}/adapters/a:v1", f"oci://{reg.host}/adapters/b:v1",
+                   {"uri": f"oci://{reg.host}/merged/owned:v1"})
+    code, log, _ = cli(tmp_path, spec, extra=("--owner", "team/dev/uid-1"))
+    assert code == 0, log
+    first = reg.manifest("merged/owned", "v1")[1]
+    spec["output"]["overwrite"] = True  # even so, another resource's output is never replaced
+    code, log, result = cli(tmp_path, spec, extra=("--owner", "team/other/uid-2"))
+    assert code == 2 and result["reason"] == "OutputConflict" and result["field"] == "spec.output.uri", log
+    assert reg.manifest("merged/owned", "v1")[1] == first
+    del spec["output"]["overwrite"]  # a new generation of the owner replaces its own output
+    spec["method"] = "cat"
+    del spec["output"]["rank"]
+    code, log, result = cli(tmp_path, spec, extra=("--owner", "team/dev/uid-1"))
+    assert code == 0, log
+    assert reg.manifest("merged/owned", "v1")[1] == result["output"]["digest"] != first

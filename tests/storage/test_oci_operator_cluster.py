@@ -75,3 +75,34 @@ def test_adapters_from_a_private_registry_through_the_operator(control_plane, na
     denied = control_plane.kubectl("--kubeconfig", str(operator.kubeconfig), "get", "secret", "regcred", "-n",
                                    namespace, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+
+
+def test_an_oci_output_through_the_operator_reports_its_digest(control_plane, namespace, operator,
+                                                                oci_registry_auth, tiny_store):
+    """No claim at all: adapters pulled and the output pushed to the private registry; status.output
+    carries the uri and the digest of the pushed manifest, which is what the registry's tag names."""
+    reg = oci_registry_auth
+    reg.push_artifact("cluster/a", "v1", files_of(tiny_store / "adapters" / "a"))
+    reg.push_artifact("cluster/b", "v1", files_of(tiny_store / "adapters" / "b"))
+    control_plane.kubectl("create", "secret", "docker-registry", "regcred", "-n", namespace,
+                          f"--docker-server={reg.host}", f"--docker-username={reg.username}",
+                          f"--docker-password={reg.password}")
+    out = f"oci://{reg.host}/cluster/merged-{namespace}:v1"
+    document = resource("pushed", "unused", method="linear", parameters={},
+                        registry={"credentialsSecret": "regcred", "insecure": True},
+                        adapters=[{"name": "a", "uri": f"oci://{reg.host}/cluster/a:v1"},
+                                  {"name": "b", "uri": f"oci://{reg.host}/cluster/b:v1"}],
+                        output={"uri": out, "rank": 4})
+    del document["spec"]["volume"]
+    apply(control_plane, namespace, document)
+
+    waited = control_plane.kubectl("wait", "-n", namespace, "--for=condition=Ready", "adaptermerge/pushed",
+                                   f"--timeout={TIMEOUT}s", check=False)
+    merge = get(control_plane, namespace, "adaptermerge", "pushed")
+    assert waited.returncode == 0, f"{merge.get('status')}\n{operator.log()}\n{control_plane.logs()}"
+    _, digest = reg.manifest(f"cluster/merged-{namespace}", "v1")
+    assert merge["status"]["output"] == {"uri": out, "format": "adapter", "rank": 4, "digest": digest}
+    secrets = [reg.password, base64.b64encode(f"{reg.username}:{reg.password}".encode()).decode()]
+    for text in (json.dumps(merge), operator.log()):
+        for secret in secrets:
+            assert secret not in text
