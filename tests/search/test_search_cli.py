@@ -24,7 +24,7 @@ def test_search_picks_the_clearly_better_candidate_and_writes_it_like_a_plain_me
     search = {"strategy": "grid", "space": [{"method": "linear", "lambda": {"values": [0.0, 1.0]}}]}
     run = adaptermerge("run", search_spec(search, parameters={"lambda": 0.0}), search_store)
     assert run.code == 0, run.err
-    assert run.result["search"] == {"best": {"method": "linear", "parameters": {"lambda": 1.0}},
+    assert run.result["search"] == {"best": {"trial": 3, "method": "linear", "parameters": {"lambda": 1.0}},
                                     "score": pytest.approx(run.result["search"]["score"]), "trials": 3}
     record = manifest(search_store)["search"]
     others = [t["score"] for t in record["trials"] if t["parameters"] != {"lambda": 1.0}]
