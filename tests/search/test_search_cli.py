@@ -111,18 +111,37 @@ def test_bad_search_specs_exit_2_naming_the_field(search_store, adaptermerge, ch
     assert not (search_store / "merged").exists()
 
 
-def test_tpe_strategy_runs_the_budget_and_keeps_the_best(search_store, adaptermerge):
-    """tpe needs the optional optuna (docs/search.md): without it the spec is invalid input, named."""
-    import importlib.util
+def test_tpe_is_optunas_seeded_sampler_told_every_score(search_store, adaptermerge, tmp_path):
+    """optuna is in the worker's dependencies (the lock), so tpe must really run: the candidates after
+    trial 1 are exactly what Optuna's TPESampler with the spec's seed proposes when told each score, and
+    the same seed gives the same trials again. (Five trials are within TPE's ten startup draws: a test
+    of the model's own choices would need more trials than a test should take.)"""
+    import shutil
 
-    search = {"strategy": "tpe", "trials": 4, "seed": 2,
+    import optuna
+
+    search = {"strategy": "tpe", "trials": 5, "seed": 2,
               "space": [{"method": "ties", "density": {"min": 0.2, "max": 0.9}},
                         {"method": "linear", "lambda": {"values": [0.5, 1.0]}}]}
-    run = adaptermerge("run", search_spec(search, method="ties", parameters={"density": 0.5}), search_store)
-    if importlib.util.find_spec("optuna") is None:
-        assert run.code == 2 and "spec.search.strategy: tpe needs the optuna package" in run.err, run.err
-        assert not (search_store / "merged").exists()
-        return
+    spec = search_spec(search, method="ties", parameters={"density": 0.5})
+    again = tmp_path / "again"
+    shutil.copytree(search_store, again)
+    run = adaptermerge("run", spec, search_store)
     assert run.code == 0, run.err
     trials = manifest(search_store)["search"]["trials"]
-    assert len(trials) == 4 and run.result["search"]["score"] == max(t["score"] for t in trials)
+    assert len(trials) == 5 and run.result["search"]["score"] == max(t["score"] for t in trials)
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=2))
+    expected = []
+    for recorded in trials[1:]:
+        trial = study.ask()
+        entry = trial.suggest_categorical("space", [0, 1])
+        if entry == 0:
+            expected.append(("ties", {"density": round(trial.suggest_float("0.density", 0.2, 0.9), 6)}))
+        else:
+            expected.append(("linear", {"lambda": trial.suggest_categorical("1.lambda", [0.5, 1.0])}))
+        study.tell(trial, recorded["score"])
+    assert [(t["method"], t["parameters"]) for t in trials[1:]] == expected
+
+    assert adaptermerge("run", spec, again).code == 0
+    assert [t["parameters"] for t in manifest(again)["search"]["trials"]] == [t["parameters"] for t in trials]
