@@ -64,6 +64,50 @@ def test_final_report_scores_only_the_report_split(search_store, adaptermerge):
     assert m["parameters"].get("weights") == best["parameters"].get("weights")
 
 
+def _swap_side(store: Path, part: str, seed: int, fraction: float) -> None:
+    """Replaces every row of `part` in both eval files by rows no file had, that land on the same side
+    (so the other split's rows, and their order, stay exactly as they were)."""
+    from merge_worker.search.split import in_search_split
+
+    for name, pairs in (("code", CODE), ("sql", SQL)):
+        fresh = [(p, c.replace("one", "two").replace("table", "rows")) for p, c in pairs] + \
+                [(p + " again", c) for p, c in pairs]
+        on_side = lambda p, c: in_search_split({"prompt": p, "completion": c}, seed, fraction) == (part == "search")  # noqa: E731
+        replacements = [pc for pc in fresh if on_side(*pc) and pc not in pairs]
+        assert replacements, "no fresh rows on that side"
+        rows = [pc for pc in pairs if not on_side(*pc)] + replacements
+        (store / "eval" / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                                                             for p, c in rows))
+
+
+def test_what_the_run_scored_depends_on_its_own_split_only(search_store, adaptermerge, tmp_path):
+    """Disjoint in what the run actually scored, not only in the split helper: replacing every report row
+    leaves every trial's score unchanged and changes the final report; replacing every search row changes
+    the trials and leaves the final report (the same merge, lambda 1.0) unchanged to the last bit."""
+    import shutil
+
+    seed, fraction = 4, 0.5
+    search = {"strategy": "grid", "seed": seed, "selectionFraction": fraction,
+              "space": [{"method": "linear", "lambda": {"values": [1.0]}}]}
+    spec = search_spec(search, parameters={"lambda": 1.0})
+    runs = {}
+    for variant in ("original", "report", "search"):
+        store = tmp_path / variant
+        shutil.copytree(search_store, store)
+        if variant != "original":
+            _swap_side(store, variant, seed, fraction)
+        run = adaptermerge("run", spec, store)
+        assert run.code == 0, run.err
+        m = manifest(store)
+        runs[variant] = ([t["retention"] for t in m["search"]["trials"]],
+                         {n: (d["baseLoss"], d["sourceLoss"], d["mergedLoss"]) for n, d in m["evaluation"]["datasets"].items()})
+    trials, report = runs["original"]
+    assert runs["report"][0] == trials, "the search scored report rows"
+    assert all(runs["report"][1][n] != report[n] for n in report), "the final report did not score the report rows"
+    assert runs["search"][1] == report, "the final report scored search rows"
+    assert all(a[n] != b[n] for a, b in zip(runs["search"][0], trials) for n in a), "the search did not score its rows"
+
+
 @pytest.mark.parametrize("budget,expected", [({"trials": 3}, 3), ({"trials": 50, "seconds": 0.001}, 1)])
 def test_budget_is_respected(search_store, adaptermerge, budget, expected):
     search = {"strategy": "random", **budget,
