@@ -8,6 +8,7 @@ fields are errors, so a typo like `spec.methd` is named instead of silently igno
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -108,31 +109,50 @@ class VolumeRef(_Model):
     """Name of a PersistentVolumeClaim in the resource's namespace."""
 
 
-# An S3 object or prefix: s3://bucket/key. Bucket names follow S3's rules; the key may not climb with '..'
-# (its objects land under the run's scratch folder, named by their key below the prefix).
-def _s3_uri(value: str) -> str:
-    bucket, _, key = value.removeprefix("s3://").partition("/")
-    if ".." in key.split("/"):
+# A URI in place of a path: an S3 object or prefix (s3://bucket/key; bucket names follow S3's rules, the
+# key may not climb with '..': its objects land under the run's scratch folder, named by their key below
+# the prefix), or an OCI artifact (oci://registry[:port]/repository:tag or @sha256:<64 hex>; the
+# repository and tag follow the OCI distribution spec's grammar).
+_S3_URI = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f]*)?"
+_OCI_COMPONENT = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+OCI_URI = (rf"oci://[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{{1,5}})?/{_OCI_COMPONENT}(/{_OCI_COMPONENT})*"
+           r"(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[a-f0-9]{64})")
+
+
+_URI_PATTERN = rf"^({_S3_URI}|{OCI_URI})$"
+
+
+def _storage_uri(value: str) -> str:
+    # Checked here rather than by a pydantic pattern so the message says what is wrong, not the regex;
+    # the CRD carries the same pattern.
+    if value.startswith("oci://"):
+        if not re.fullmatch(OCI_URI, value):
+            raise ValueError(f"{value[:200]!r} is not oci://registry[:port]/repository:tag or"
+                             " oci://registry[:port]/repository@sha256:<64 hex> (lowercase repository)")
+    elif not re.fullmatch(_S3_URI, value):
+        raise ValueError(f"{value[:200]!r} is not s3://bucket/key or oci://registry/repository:tag")
+    elif ".." in value.removeprefix("s3://").partition("/")[2].split("/"):
         raise ValueError(f"{value!r}: the key may not contain '..' components")
     return value
 
 
-S3Uri = Annotated[
+StorageUri = Annotated[
     str,
-    StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f]*)?$", max_length=1024),
-    AfterValidator(_s3_uri),
+    StringConstraints(max_length=1024),
+    AfterValidator(_storage_uri),
     Field(
-        description="s3://bucket/prefix in the S3-compatible store spec.storage names (docs/storage.md).",
-        json_schema_extra=_cel(
+        description="s3://bucket/prefix in the S3-compatible store spec.storage names, or"
+                    " oci://registry/repository:tag (or @sha256:digest) in an OCI registry (docs/storage.md).",
+        json_schema_extra={"pattern": _URI_PATTERN, **_cel(
             ("!self.split('/').exists(p, p == '..')", "the key may not contain '..' components")
-        ),
+        )},
     ),
 ]
 
 
 class PathRef(_Model):
     """A file or folder on a claim (`path`; `claimName` defaults to `spec.volume.claimName`), or in an
-    S3-compatible bucket (`uri`). Exactly one of path and uri."""
+    S3-compatible bucket or an OCI registry (`uri`). Exactly one of path and uri."""
 
     model_config = ConfigDict(
         json_schema_extra=_cel(("has(self.path) != has(self.uri)", "give exactly one of path and uri"))
@@ -142,8 +162,9 @@ class PathRef(_Model):
     """Path on the claim; or give uri instead."""
     claim_name: ClaimName | None = None
     """PersistentVolumeClaim holding the path; defaults to spec.volume.claimName."""
-    uri: S3Uri | None = None
-    """s3://bucket/prefix (a folder) or s3://bucket/key (a file) instead of path (docs/storage.md)."""
+    uri: StorageUri | None = None
+    """s3://bucket/prefix (a folder), s3://bucket/key (a file) or oci://registry/repository:tag (an
+    artifact or adapter image) instead of path (docs/storage.md)."""
 
     @model_validator(mode="after")
     def _path_or_uri(self) -> PathRef:
@@ -364,6 +385,17 @@ class Storage(_Model):
     """Refuse to download more than this many bytes in all (default 256 GiB)."""
 
 
+class Registry(_Model):
+    """How the worker reaches the OCI registries of the spec's oci:// URIs (docs/storage.md)."""
+
+    credentials_secret: Name | None = None
+    """Secret of type kubernetes.io/dockerconfigjson the Job mounts read-only for the worker (the
+    operator never reads it). The local CLI reads a Docker config file instead (REGISTRY_AUTH_FILE,
+    $DOCKER_CONFIG/config.json or ~/.docker/config.json)."""
+    insecure: bool = False
+    """Speak plain HTTP to the registries (a registry on a trusted local network); default HTTPS."""
+
+
 class AdapterMergeSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -389,6 +421,8 @@ class AdapterMergeSpec(_Model):
                 "every path needs a claimName, or set spec.volume",
             ),
             ("!has(self.search) || has(self.evaluation)", "search needs spec.evaluation to score candidates"),
+            ("!has(self.output.uri) || !self.output.uri.startsWith('oci://') || !self.output.uri.contains('@')",
+             "an oci:// output is pushed to a tag, not to a digest"),
         )
     )
 
@@ -396,6 +430,8 @@ class AdapterMergeSpec(_Model):
     """Default claim for every path that names none."""
     storage: Storage | None = None
     """Endpoint, region and credentials of the s3:// URIs; unset: AWS defaults (docs/storage.md)."""
+    registry: Registry | None = None
+    """Credentials and transport of the oci:// URIs; unset: HTTPS, credentials from a Docker config."""
     base_model: BaseModelSpec | None = None
     """The base model; needed for evaluation and for output format merged-model."""
     # The bound (far above any real merge) also lets the API server estimate the cost of the CRD's
@@ -466,6 +502,9 @@ class AdapterMergeSpec(_Model):
                 seen.append(d.name)
             if self.base_model is None:
                 raise _FieldError("baseModel", "evaluation needs a base model")
+        if self.output.uri is not None and self.output.uri.startswith("oci://") and "@" in self.output.uri:
+            raise _FieldError("output.uri", "an oci:// output is pushed to a tag (oci://registry/repo:tag),"
+                              " not to a digest")
         if self.output.format == "merged-model" and self.base_model is None:
             raise _FieldError("baseModel", "output format merged-model needs a base model")
         if self.search is not None:
@@ -593,6 +632,43 @@ class StatusResult(BaseModel):
     """The worker's reason."""
 
 
+class StatusSearchParameters(_Model):
+    """The searchable parameters (spec.search.space[]) a candidate sets."""
+
+    density: float | None = None
+    """Density."""
+    lambda_: float | None = Field(default=None, alias="lambda")
+    """Lambda."""
+    t: float | None = None
+    """Interpolation factor."""
+    weights: list[float] | None = None
+    """One weight per adapter, in spec.adapters order."""
+
+
+class StatusSearchChoice(_Model):
+    """A candidate of the search."""
+
+    trial: int | None = None
+    """Its trial number."""
+    method: Method
+    """Its method."""
+    parameters: StatusSearchParameters = Field(default_factory=lambda: StatusSearchParameters())
+    """The parameters it sets; the others are spec.parameters'."""
+
+
+class StatusSearch(_Model):
+    """A search's progress while its Job runs, then what it chose (docs/search.md)."""
+
+    trials: int
+    """Trials scored so far (once finished: in all)."""
+    budget: int | None = None
+    """At most this many trials (while running)."""
+    best_score: float | None = None
+    """The best candidate's score on the search split (null: undefined)."""
+    best: StatusSearchChoice
+    """The best candidate so far (once finished: the one written)."""
+
+
 class Condition(_Model):
     """A condition in the Kubernetes convention (metav1.Condition)."""
 
@@ -626,6 +702,8 @@ class AdapterMergeStatus(_Model):
     """The output this generation writes."""
     result: StatusResult | None = None
     """The worker's result summary."""
+    search: StatusSearch | None = None
+    """spec.search only: trial k of n and the best so far while the Job runs, then the chosen candidate."""
     conditions: list[Condition] = Field(default_factory=list)
     """Conditions (Ready) in the Kubernetes convention."""
 

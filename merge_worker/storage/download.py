@@ -35,7 +35,7 @@ class Budget:
     """The bytes left of spec.storage.maxDownloadBytes, shared by every source of a run."""
 
     def __init__(self, limit: int):
-        self.left = limit
+        self.limit = self.left = limit
 
     def take(self, size: int, field: str, uri: str) -> None:
         if size > self.left:
@@ -54,7 +54,7 @@ def list_source(client: Any, uri: str, field: str) -> tuple[bool, list[RemoteObj
                 relative = item["Key"][len(prefix):]
                 if relative.endswith("/") and item["Size"] == 0:
                     continue  # a "folder marker" some tools create
-                _check_relative(relative, field, uri)
+                check_relative_key(relative, field, uri)
                 objects.append(RemoteObject(item["Key"], relative, item["Size"], item["ETag"].strip('"')))
         if objects:
             return True, objects
@@ -68,7 +68,7 @@ def list_source(client: Any, uri: str, field: str) -> tuple[bool, list[RemoteObj
     raise SpecError(field, f"{uri}: no objects under this prefix")
 
 
-def _check_relative(relative: str, field: str, uri: str) -> None:
+def check_relative_key(relative: str, field: str, uri: str) -> None:
     parts = relative.split("/")
     if not relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in relative:
         raise SpecError(field, f"{uri}: object key below the prefix {relative[:200]!r} is not a plain relative"

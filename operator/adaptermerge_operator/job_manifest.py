@@ -22,6 +22,7 @@ SPEC_DIR = "/etc/adaptermerge"
 SPEC_KEY = "adaptermerge.yaml"
 CLAIMS_DIR = "/mnt/claims"
 TERMINATION_LOG = "/dev/termination-log"
+REGISTRY_AUTH_DIR = "/var/run/adaptermerge/registry"
 # Exit codes the worker uses for outcomes a retry cannot change (API.md): invalid input (2) and
 # evaluation below minRetention (3). The Job fails at once instead of re-running the same merge.
 FINAL_EXIT_CODES = [2, 3]
@@ -114,6 +115,20 @@ def _resources(spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
     return policy.memory_limit(settings.policy, resources)
 
 
+def registry_auth(spec: AdapterMergeSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, mounts, env) that give the worker spec.registry.credentialsSecret: the Secret's
+    .dockerconfigjson mounted read-only as config.json in DOCKER_CONFIG (docs/storage.md). The kubelet
+    reads the Secret, not the operator, which needs no Secret RBAC."""
+    secret = spec.registry.credentials_secret if spec.registry else None
+    if secret is None:
+        return [], [], []
+    volume = {"name": "registry-auth", "secret": {
+        "secretName": secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+        "defaultMode": 0o440}}  # owner root, group fsGroup: readable by the non-root worker only
+    mount = {"name": "registry-auth", "mountPath": REGISTRY_AUTH_DIR, "readOnly": True}
+    return [volume], [mount], [{"name": "DOCKER_CONFIG", "value": REGISTRY_AUTH_DIR}]
+
+
 def _container(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settings) -> dict[str, Any]:
     mounts = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
     mounts += [
@@ -121,13 +136,15 @@ def _container(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Setti
         for volume, claim, read_only in claim_volumes(spec)
     ]
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    _, auth_mounts, auth_env = registry_auth(spec)
     container = {
         "name": CONTAINER,
         "image": settings.worker_image,
         "command": worker_command(merge, spec),
-        # The root filesystem is read-only: caches, home and the downloads of s3:// sources
+        # The root filesystem is read-only: caches, home and the downloads of s3:// and oci:// sources
         # (TMPDIR, merge_worker/storage/staging.py) go to the scratch emptyDir.
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}, *storage_env(spec)],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}, *storage_env(spec),
+                *auth_env],
         "resources": _resources(spec, settings),
         "securityContext": {
             "runAsNonRoot": True,
@@ -140,7 +157,7 @@ def _container(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Setti
         "terminationMessagePath": TERMINATION_LOG,
         # The worker writes its JSON summary there; if it dies before, the log tail explains why.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": mounts,
+        "volumeMounts": mounts + auth_mounts,
     }
     if settings.worker_image_pull_policy:
         container["imagePullPolicy"] = settings.worker_image_pull_policy
@@ -155,6 +172,7 @@ def _pod_spec(merge: Mapping[str, Any], spec: AdapterMergeSpec, settings: Settin
         for volume, claim, read_only in claim_volumes(spec)
     ]
     volumes.append({"name": "tmp", "emptyDir": {}})
+    volumes += registry_auth(spec)[0]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit), not the kubelet's
         "automountServiceAccountToken": False,  # the worker talks to no API

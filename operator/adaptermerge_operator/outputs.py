@@ -52,6 +52,8 @@ def _uri_location(uri: str, endpoint: str | None) -> Location:
     store = f"{scheme}://{authority}"
     if scheme == "s3":
         store += f" at {_same_service(endpoint) if endpoint else DEFAULT_ENDPOINT}"
+    elif scheme == "oci":  # the tag (or digest) is one place: a repository holds no nested outputs
+        path = path.replace("@", ":", 1)
     return Location(store, path, uri)
 
 

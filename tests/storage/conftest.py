@@ -1,9 +1,11 @@
-"""A real S3-compatible server (versitygw) for the storage tests, and tiny adapters to put in it."""
+"""Real servers for the storage tests, an S3-compatible one (versitygw) and an OCI registry (distribution),
+and tiny adapters to put in them."""
 
 from __future__ import annotations
 
 import pytest
 
+from support.oci_registry import running_oci_registry
 from support.s3_server import running_s3_server
 from support.tiny_models import make_lora_adapter, make_tiny_llama
 
@@ -12,6 +14,20 @@ from support.tiny_models import make_lora_adapter, make_tiny_llama
 def s3_server(tmp_path_factory):
     with running_s3_server(tmp_path_factory.mktemp("s3-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """An open registry (no auth), plain HTTP on loopback."""
+    with running_oci_registry(tmp_path_factory.mktemp("oci-registry")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def oci_registry_auth(tmp_path_factory):
+    """A registry behind htpasswd auth with random credentials."""
+    with running_oci_registry(tmp_path_factory.mktemp("oci-registry-auth"), auth=True) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="session")
