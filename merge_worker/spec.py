@@ -635,6 +635,43 @@ class StatusResult(BaseModel):
     """The worker's reason."""
 
 
+class StatusSearchParameters(_Model):
+    """The searchable parameters (spec.search.space[]) a candidate sets."""
+
+    density: float | None = None
+    """Density."""
+    lambda_: float | None = Field(default=None, alias="lambda")
+    """Lambda."""
+    t: float | None = None
+    """Interpolation factor."""
+    weights: list[float] | None = None
+    """One weight per adapter, in spec.adapters order."""
+
+
+class StatusSearchChoice(_Model):
+    """A candidate of the search."""
+
+    trial: int | None = None
+    """Its trial number."""
+    method: Method
+    """Its method."""
+    parameters: StatusSearchParameters = Field(default_factory=lambda: StatusSearchParameters())
+    """The parameters it sets; the others are spec.parameters'."""
+
+
+class StatusSearch(_Model):
+    """A search's progress while its Job runs, then what it chose (docs/search.md)."""
+
+    trials: int
+    """Trials scored so far (once finished: in all)."""
+    budget: int | None = None
+    """At most this many trials (while running)."""
+    best_score: float | None = None
+    """The best candidate's score on the search split (null: undefined)."""
+    best: StatusSearchChoice
+    """The best candidate so far (once finished: the one written)."""
+
+
 class Condition(_Model):
     """A condition in the Kubernetes convention (metav1.Condition)."""
 
@@ -668,6 +705,8 @@ class AdapterMergeStatus(_Model):
     """The output this generation writes."""
     result: StatusResult | None = None
     """The worker's result summary."""
+    search: StatusSearch | None = None
+    """spec.search only: trial k of n and the best so far while the Job runs, then the chosen candidate."""
     conditions: list[Condition] = Field(default_factory=list)
     """Conditions (Ready) in the Kubernetes convention."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from merge_worker.inputs.validation import load_inputs
 from merge_worker.progress import ModuleProgress, log
 from merge_worker.output.ownership import Owner
 from merge_worker.run import Log, Outcome, _write_adapter, merge_params, pick_device, run_merge
+from merge_worker.search.progress import progress_line
 from merge_worker.search.space import Candidate, Sampler, candidate_spec, grid_size
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_spec
 from merge_worker.inputs.volumes import Volumes
@@ -121,6 +123,8 @@ def run_search(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto"
         log(f"search: trial {trial.number} of {budget}: {candidate.describe()} score {_fmt(trial.score)}"
             f" ({trial.seconds:.1f} s); best so far trial {best.number}, {best.candidate.describe()},"
             f" score {_fmt(best.score)}")
+        print(progress_line(trial.number, budget, best.number, best.candidate.as_dict(), best.score),
+              file=sys.stderr, flush=True)
     scorer.model = loaded = None  # the final evaluation loads its own
     release_memory(torch_device)
     if best is None:
@@ -139,7 +143,7 @@ def run_search(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto"
               "trials": [t.record() for t in trials], "skipped": skipped}
     outcome = run_merge(chosen, volumes, device=device, print_out=print_out, tty=tty, owner=owner,
                         spec_file=spec_file, provenance={**(provenance or {}), "search": record})
-    outcome.result["search"] = {"best": best.candidate.as_dict(), "score": best.trial_score(),
+    outcome.result["search"] = {"best": {"trial": best.number, **best.candidate.as_dict()}, "score": best.trial_score(),
                                 "trials": len(trials)}
     print_out(f"search: {len(trials)} trials in {search_seconds:.1f} s; best {best.candidate.describe()}"
               f" (search-split score {_fmt(best.score)})")

@@ -5,6 +5,7 @@
 - any event of a Job or pod the operator owns: recompute the owner's status; a deleted Job is let go
   (its finalizer removed) once its verdict is in the status.
 - a timer on unfinished merges: pods that cannot be created or scheduled, and the scheduling timeout.
+- a timer on running searches: their progress from the worker pod's log (search_progress.py).
 Jobs, pods and every resource's output are kept in in-memory indexes (kopf fills them before any
 handler runs), so adoption after a restart and status computation need no extra API reads.
 """
@@ -21,7 +22,7 @@ import kopf
 
 from merge_worker import spec as specs
 
-from adaptermerge_operator import metrics, names, outputs, reconcile
+from adaptermerge_operator import metrics, names, outputs, reconcile, search_progress
 from adaptermerge_operator.kube import KubeApi, load_client_config
 from adaptermerge_operator.settings import Settings
 from adaptermerge_operator.status import FINISHED_PHASES
@@ -129,6 +130,14 @@ async def check_stuck(
     **_: Any,
 ) -> None:
     await reconcile.check_stuck_run(_context(memo, merge_jobs, merge_pods, merge_outputs), _plain(body))
+
+
+@kopf.timer(*MERGES, interval=search_progress.INTERVAL_SECONDS, when=search_progress.wanted)
+async def search_progress_timer(
+    body: kopf.Body, memo: kopf.Memo, merge_jobs: kopf.Index, merge_pods: kopf.Index, merge_outputs: kopf.Index,
+    **_: Any,
+) -> None:
+    await search_progress.refresh(_context(memo, merge_jobs, merge_pods, merge_outputs), _plain(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED, annotations=HAS_OWNER)

@@ -197,6 +197,18 @@ class KubeApi:
                     raise
         raise Conflict(f"finalizers of Job {name} keep changing")
 
+    def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int, limit_bytes: int) -> str:
+        """The last `lines` lines of a container's log, at most `limit_bytes` (pods/log get); "" when
+        the pod or its log is gone or not there yet."""
+        try:
+            response = self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=lines,
+                                                         limit_bytes=limit_bytes, _preload_content=False)
+        except ApiException as exc:
+            if exc.status in (400, 404):  # 400: the container has not started
+                return ""
+            raise
+        return response.data.decode("utf-8", errors="replace")
+
     def pod_creation_failures(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
         """The Job controller's FailedCreate events on that Job (e.g. a missing PriorityClass or
         ServiceAccount): the only place where a pod that cannot be created says why."""

@@ -44,11 +44,16 @@ def _nested(a: str, b: str) -> bool:
 
 
 def _uri_location(uri: str, endpoint: str | None) -> Location:
+    """scheme://authority/path: the store is the authority (an s3:// bucket, at spec.storage's endpoint,
+    since one bucket name can live at several endpoints); the rest is the path inside it."""
     scheme, _, rest = uri.partition("://")
-    bucket, _, key = rest.partition("/")
-    if scheme == "oci":  # a registry host names its store itself; the tag is one place (no nesting)
-        return Location(f"oci://{bucket}", key.replace("@", ":", 1), uri)
-    return Location(f"{scheme}://{bucket} at {endpoint or DEFAULT_ENDPOINT}", key, uri)
+    authority, _, path = rest.partition("/")
+    store = f"{scheme}://{authority}"
+    if scheme == "s3":
+        store += f" at {endpoint or DEFAULT_ENDPOINT}"
+    elif scheme == "oci":  # the tag (or digest) is one place: a repository holds no nested outputs
+        path = path.replace("@", ":", 1)
+    return Location(store, path, uri)
 
 
 def output_location(spec: AdapterMergeSpec, namespace: str) -> Location:

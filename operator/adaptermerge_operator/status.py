@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from merge_worker.spec import AdapterMergeSpec, SpecError, parse_spec
 
-from adaptermerge_operator import names, outputs
+from adaptermerge_operator import names, outputs, search_status
 from adaptermerge_operator.job_manifest import CONTAINER
 
 READY = "Ready"
@@ -30,7 +30,7 @@ FINISHED_PHASES = ("Succeeded", "Failed")
 # The status keys the operator owns; everything else in status (kopf's bookkeeping) is left alone.
 OWN_KEYS = (
     "phase", "observedGeneration", "jobName", "attempt", "podName", "startTime", "completionTime", "output", "result",
-    "conditions",
+    "conditions", "search",
 )
 # Result-summary keys (docs/interfaces.md #5) that go to status.result; message and output go elsewhere.
 RESULT_KEYS = ("seconds", "modules", "maxReconstructionError", "rank", "retention", "exitCode")
@@ -392,4 +392,8 @@ def desired_status(
         result = _result(report)
         if result:
             status["result"] = result
+    if spec.search is not None:  # progress while the Job runs, then what the search chose
+        search = search_status.desired(previous, run, report, verdict.phase in FINISHED_PHASES)
+        if search:
+            status[search_status.KEY] = search
     return status

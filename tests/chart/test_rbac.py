@@ -25,13 +25,14 @@ from adaptermerge_operator.settings import Settings
 # docs/interfaces.md #10, as (API group, resource, subresource) -> verbs. Namespaced resources first.
 # kopf: list/watch and patch of the resource and its status, core/v1 event posts, peering; the
 # operator: merges get and status update, Jobs and ConfigMaps create/get/delete, the Job and pod indexes,
-# Job patch (its finalizer) and event list (FailedCreate).
+# Job patch (its finalizer), event list (FailedCreate) and pods/log get (a running search's progress).
 NAMESPACED = {
     ("adaptermerge.io", "adaptermerges", ""): {"get", "list", "watch", "patch"},
     ("adaptermerge.io", "adaptermerges", "status"): {"patch", "update"},
     ("adaptermerge.io", "adaptermerges", "finalizers"): {"update"},
     ("batch", "jobs", ""): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods", ""): {"list", "watch"},
+    ("", "pods", "log"): {"get"},
     ("", "configmaps", ""): {"get", "create", "delete"},
     ("", "events", ""): {"create", "list"},
     ("kopf.dev", "kopfpeerings", ""): {"get", "list", "watch", "patch"},
@@ -52,6 +53,7 @@ FORBIDDEN = SECRETS + [
     ("create", "adaptermerge.io", "adaptermerges", ""),
     ("update", "batch", "jobs", ""),
     ("get", "", "pods", ""),
+    ("create", "", "pods", "exec"),
     ("list", "", "configmaps", ""),
     ("update", "adaptermerge.io", "adaptermerges", ""),
     ("create", "", "serviceaccounts", ""),

@@ -210,3 +210,12 @@ def test_no_credentials_secret_no_credential_env(objects, settings):
     spec = {**S3_SPEC, "storage": {"endpoint": "http://s3.example:9000"}}
     _, job = render(objects, settings, spec)
     assert not [e for e in worker(job)["env"] if e["name"].startswith("AWS_")]
+
+
+def test_claims_of_sources_stay_read_only_when_the_output_is_a_uri(objects, settings):
+    spec = {**objects.SPEC, "output": {"uri": "s3://merged/dev", "rank": 8}}
+    _, job = render(objects, settings, spec)
+    claims = [v["persistentVolumeClaim"] for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v]
+    assert sorted(c["claimName"] for c in claims) == ["other-store", "store"]
+    assert all(c["readOnly"] for c in claims)
+    assert all(m.get("readOnly") for m in worker(job)["volumeMounts"] if m["mountPath"].startswith("/mnt/claims/"))

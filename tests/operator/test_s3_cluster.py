@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 import yaml
-from support.operator_harness import TIMEOUT, apply, events_of, get, jobs, phase_is, ready, wait_until
+from support.operator_harness import TIMEOUT, apply, events_of, get, jobs, phase_is, ready, resource, wait_until
 from support.s3_server import running_s3_server
 
 pytestmark = pytest.mark.cluster
@@ -37,23 +37,24 @@ def bucket(s3_server, tiny_adapters):
 
 
 def merge(name: str, server, bucket: str, output: str, **spec) -> dict:
-    base = {
+    """The harness's merge (tests/support/operator_harness.py) with every path a uri in the bucket."""
+    uris = {
         "storage": {"endpoint": server.endpoint, "credentialsSecret": SECRET},
         "adapters": [{"name": "a", "uri": f"s3://{bucket}/adapters/a", "weight": 0.7},
                      {"name": "b", "uri": f"s3://{bucket}/adapters/b"}],
-        "method": "ties",
-        "parameters": {"density": 0.5},
         "output": {"uri": f"s3://{bucket}/{output}", "rank": 4},
         "job": {"gpus": 0, "backoffLimit": 1, "activeDeadlineSeconds": 600},
     }
-    return {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": name},
-            "spec": {**base, **spec}}
+    document = resource(name, "", **{**uris, **spec})
+    del document["spec"]["volume"]  # no claim at all
+    return document
 
 
-def create_secret(control_plane, namespace: str, server) -> None:
+def create_secret(control_plane, namespace: str, server, *, keys=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")) -> None:
     """What a platform team does (docs/install.md): the keys the worker's env takes, from stdin."""
+    values = {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "type": "Opaque",
-              "stringData": {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}}
+              "stringData": {key: values[key] for key in keys}}
     control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(secret))
 
 
@@ -183,6 +184,16 @@ def test_a_missing_secret_names_the_secret_until_it_exists(control_plane, namesp
     message = ready(resource)["message"]
     assert f'secret "{SECRET}" not found' in message and f"credentialsSecret names Secret '{SECRET}'" in message
     assert objects(s3_server, bucket, "merged/") == {}
+
+    # A Secret without the secret key: the kubelet's message names the key.
+    create_secret(control_plane, namespace, s3_server, keys=("AWS_ACCESS_KEY_ID",))
+
+    def waiting_for_the_key():
+        resource = get(control_plane, namespace, "adaptermerge", "nosecret")
+        return resource if "couldn't find key AWS_SECRET_ACCESS_KEY" in ready(resource).get("message", "") else None
+    resource = wait_until(waiting_for_the_key, "the missing key reported", operator, control_plane, 90)
+    assert ready(resource)["reason"] == "CreateContainerConfigError"
+    assert f"Secret {namespace}/{SECRET}" in ready(resource)["message"]
 
     create_secret(control_plane, namespace, s3_server)  # the kubelet retries; the merge then runs
     done = wait_until(phase_is(control_plane, namespace, "nosecret", "Succeeded"), "the merge after the Secret",

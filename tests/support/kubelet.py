@@ -43,6 +43,8 @@ from pathlib import Path
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from support.kubelet_logs import LogServer
+
 NODE_NAME = "test-node"
 DEFAULT_CAPACITY = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "4"}
 # The kubelet's own limits for termination messages (pkg/kubelet/kuberuntime).
@@ -407,6 +409,8 @@ class TestKubelet:
         self._syncer = threading.Thread(target=self._sync_statuses, name="test-kubelet-status", daemon=True)
 
     def start(self) -> "TestKubelet":
+        self._log_server = LogServer(self._pod_logs, self.workdir)
+        self._log_port = self._log_server.start()
         self._register_node()
         self._watcher.start()
         self._syncer.start()
@@ -424,6 +428,7 @@ class TestKubelet:
             run.kill()
         self._watcher.join(10)
         self._syncer.join(10)
+        self._log_server.stop()
         for run in runs:
             if run.thread:
                 run.thread.join(10)
@@ -446,9 +451,12 @@ class TestKubelet:
 
     def logs(self, namespace: str, pod_name: str) -> str:
         """The output of the pod's command (what `kubectl logs` would show with a real kubelet)."""
+        return self._pod_logs(namespace, pod_name) or ""
+
+    def _pod_logs(self, namespace: str, pod_name: str) -> str | None:
         with self._lock:
             runs = [r for r in self._runs.values() if (r.namespace, r.name) == (namespace, pod_name)]
-        return runs[-1].logs() if runs else ""
+        return runs[-1].logs() if runs else None
 
     # ---- the node ------------------------------------------------------------------------------
 
@@ -463,8 +471,9 @@ class TestKubelet:
         ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "test kubelet",
                  "lastHeartbeatTime": now, "lastTransitionTime": now}
         status = {"capacity": self.capacity, "allocatable": self.capacity, "conditions": [ready],
-                  "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                                {"type": "Hostname", "address": self.node_name}]}
+                  # No Hostname address: the API server would prefer it for pods/log and fail to resolve it.
+                  "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                  "daemonEndpoints": {"kubeletEndpoint": {"Port": self._log_port}}}
         self.core.patch_node_status(self.node_name, {"status": status}, _preload_content=False)
 
     # ---- watching pods ---------------------------------------------------------------------------

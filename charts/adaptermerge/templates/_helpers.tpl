@@ -57,7 +57,7 @@ app.kubernetes.io/component: operator
 {{/*
 The operator's namespaced API use (contract with the operator code; keep both sides equal):
 its own resources, the Jobs and spec ConfigMaps it creates, the Job pods it reads termination
-messages from, the events it posts, and kopf's namespaced peering objects.
+messages (and a running search's log tail) from, the events it posts, and kopf's namespaced peering objects.
 */}}
 {{- define "adaptermerge.namespacedRules" -}}
 - apiGroups: [adaptermerge.io]
@@ -78,6 +78,10 @@ messages from, the events it posts, and kopf's namespaced peering objects.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# get pods/log: a running search's progress line, read from the tail of its worker pod's log.
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, delete]
