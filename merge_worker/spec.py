@@ -394,6 +394,9 @@ class Registry(_Model):
     $DOCKER_CONFIG/config.json or ~/.docker/config.json)."""
     insecure: bool = False
     """Speak plain HTTP to the registries (a registry on a trusted local network); default HTTPS."""
+    push_layout: Literal["artifact", "adapter-image"] = "artifact"
+    """How an oci:// output is pushed: an ORAS artifact (one layer per file), or adapter-image, the image
+    layout KAITO pulls adapters from (the files under /data in one tar layer)."""
 
 
 class AdapterMergeSpec(_Model):

@@ -201,7 +201,8 @@ class _Oci:
     def push(self, folder: Path, output_format: str, overwrite: bool, owner: Any) -> dict:
         from merge_worker.storage.oci_push import push
 
-        return {"digest": push(self.client, folder, self.uri, output_format, overwrite, owner)}
+        return {"digest": push(self.client, folder, self.uri, output_format, overwrite, owner,
+                               self.client.settings.push_layout)}
 
 
 def _on_scratch(ref: PathRef, path: str) -> PathRef:

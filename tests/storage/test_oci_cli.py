@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support.oci_cli import TITLE, cli, files_of, pulled, spec_of
+from support.storage_cli import TITLE, cli, files_of, pulled, spec_of
 from support.oci_registry import digest_of, tar_of
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from support.oci_cli import cli, files_of, pulled, spec_of
+from support.storage_cli import cli, files_of, pulled, spec_of
 
 
 def _secrets(registry) -> list[str]:

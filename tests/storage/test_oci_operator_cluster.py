@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from support.oci_cli import files_of
+from support.storage_cli import files_of
 from support.operator_harness import TIMEOUT, Operator, apply, get, jobs, ready, resource
 
 pytestmark = pytest.mark.cluster
@@ -27,7 +27,7 @@ def operator(control_plane, namespace, test_kubelet, tmp_path):
     # `kubectl wait` right after the apply was seen to fail once (the CRD not visible yet): poll instead.
     deadline = time.monotonic() + 60
     while not any(c["type"] == "Established" and c["status"] == "True" for c in control_plane.get_json(
-            "crd", "adaptermerges.adaptermerge.io").get("status", {}).get("conditions", [])):
+            "crd", "adaptermerges.adaptermerge.io").get("status", {}).get("conditions") or []):
         assert time.monotonic() < deadline, "the CRD was not Established in 60 s"
         time.sleep(0.2)
     running = Operator(operator_kubeconfig(control_plane, namespace, {"watchNamespaces": [namespace]}), namespace,

@@ -8,7 +8,7 @@ import hashlib
 import json
 
 from support.flaky_proxy import Faults, flaky_proxy
-from support.oci_cli import cli, files_of, spec_of
+from support.storage_cli import cli, files_of, spec_of
 
 
 def _merge_through(proxy: str, tmp_path):

@@ -58,4 +58,4 @@ def test_crd_carries_the_oci_rules():
     assert re.fullmatch(pattern, "s3://bucket/a")
     assert not re.fullmatch(pattern, "oci://reg.example.com/a")
     assert pattern == f"^(s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/[^\\x00-\\x1f]*)?|{OCI_URI})$"
-    assert set(schema["properties"]["registry"]["properties"]) == {"credentialsSecret", "insecure"}
+    assert set(schema["properties"]["registry"]["properties"]) == {"credentialsSecret", "insecure", "pushLayout"}

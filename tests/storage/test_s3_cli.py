@@ -4,31 +4,10 @@ S3-compatible server (versitygw, tests/support/s3_server.py). Credentials come f
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-
-def _cli(tmp_path: Path, spec: dict, env: dict[str, str], command: str = "run",
-         extra: tuple[str, ...] = ()) -> tuple[int, str, dict | None]:
-    doc = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "s3"},
-           "spec": spec}
-    spec_file = tmp_path / "merge.yaml"
-    spec_file.write_text(yaml.safe_dump(doc))
-    result_file = tmp_path / "result.json"
-    result_file.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "merge_worker.cli", command, str(spec_file), "--result-file", str(result_file)]
-    if command == "run":
-        args += ["--device", "cpu"]
-    args += extra
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=clean | env)
-    result = json.loads(result_file.read_text()) if result_file.exists() else None
-    return done.returncode, done.stdout + done.stderr, result
+from support.storage_cli import cli as _cli
 
 
 def _spec(server, bucket: str, output: dict, **extra) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from support.oci_cli import cli
+from support.storage_cli import cli
 
 # The values vLLM accepts for --max-lora-rank; an adapter's largest rank must not exceed the one chosen.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -16,14 +16,14 @@ import io
 import json
 import os
 import secrets
-import socket
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.local_server import free_port, serving
 
 REPO = Path(__file__).resolve().parents[2]
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -138,12 +138,6 @@ def tar_of(members: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _htpasswd_line(user: str, password: str) -> str:
     helper = registry_binary().with_name("htpasswd")
     return subprocess.run([str(helper)], input=f"{user}\n{password}\n", text=True, check=True,
@@ -154,7 +148,7 @@ def _htpasswd_line(user: str, password: str) -> str:
 def running_oci_registry(folder: Path, *, auth: bool = False, startup_timeout: float = 30.0) -> Iterator[OciRegistry]:
     data, log_path, config_path = folder / "data", folder / "registry.log", folder / "config.yml"
     data.mkdir()
-    port = _free_port()
+    port = free_port()
     # Random per run: the tests grep logs and outputs for exactly these strings.
     registry = OciRegistry(f"127.0.0.1:{port}", data)
     config = {"version": 0.1, "log": {"level": "info", "accesslog": {"disabled": True}},
@@ -165,27 +159,7 @@ def running_oci_registry(folder: Path, *, auth: bool = False, startup_timeout: f
         (folder / "htpasswd").write_text(_htpasswd_line(registry.username, registry.password))
         config["auth"] = {"htpasswd": {"realm": "adaptermerge-tests", "path": str(folder / "htpasswd")}}
     config_path.write_text(json.dumps(config))  # JSON is YAML
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(registry_binary()), "serve", str(config_path)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={"PATH": os.environ.get("PATH", "")})
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"registry exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"registry did not listen in {startup_timeout}s") from None
-                time.sleep(0.1)
+    argv = [str(registry_binary()), "serve", str(config_path)]
+    with serving("registry", argv, port, log_path, {"PATH": os.environ.get("PATH", "")},
+                 startup_timeout=startup_timeout):
         yield registry
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.local_server import free_port, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,46 +52,18 @@ class S3Server:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_s3_server(folder: Path, *, startup_timeout: float = 30.0) -> Iterator[S3Server]:
     data, log_path = folder / "data", folder / "versitygw.log"
     data.mkdir()
     (folder / "meta").mkdir()
-    port = _free_port()
+    port = free_port()
     # Random per run: the tests grep logs and outputs for exactly these strings.
     server = S3Server(f"http://127.0.0.1:{port}", "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30),
                       data)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(server_binary()), "--port", f"127.0.0.1:{port}", "--health", "/healthz", "posix",
-             "--sidecar", str(folder / "meta"), str(data)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={"PATH": os.environ.get("PATH", ""), "ROOT_ACCESS_KEY_ID": server.access_key,
-                 "ROOT_SECRET_ACCESS_KEY": server.secret_key},
-        )
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"versitygw exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"versitygw did not listen in {startup_timeout}s") from None
-                time.sleep(0.1)
+    argv = [str(server_binary()), "--port", f"127.0.0.1:{port}", "--health", "/healthz", "posix",
+            "--sidecar", str(folder / "meta"), str(data)]
+    env = {"PATH": os.environ.get("PATH", ""), "ROOT_ACCESS_KEY_ID": server.access_key,
+           "ROOT_SECRET_ACCESS_KEY": server.secret_key}
+    with serving("versitygw", argv, port, log_path, env, startup_timeout=startup_timeout):
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -1,5 +1,5 @@
-"""Running the real `adaptermerge` CLI on a spec whose URIs name the test registry
-(tests/support/oci_registry.py), and reading back what it pushed."""
+"""Running the real `adaptermerge` CLI on a spec whose URIs name the test servers (tests/support/
+s3_server.py, oci_registry.py), and reading back what it pushed to the registry."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TITLE = "org.opencontainers.image.title"
 def cli(tmp_path: Path, spec: dict, env: dict[str, str] | None = None, command: str = "run",
         extra: tuple[str, ...] = ()) -> tuple[int, str, dict | None]:
     """(exit code, stdout + stderr, the result file or None) of `adaptermerge COMMAND` on `spec`."""
-    doc = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "oci"},
+    doc = {"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge", "metadata": {"name": "storage"},
            "spec": spec}
     spec_file = tmp_path / "merge.yaml"
     spec_file.write_text(yaml.safe_dump(doc))
@@ -26,8 +26,10 @@ def cli(tmp_path: Path, spec: dict, env: dict[str, str] | None = None, command: 
     args = [sys.executable, "-m", "merge_worker.cli", command, str(spec_file), "--result-file", str(result_file)]
     if command == "run":
         args += ["--device", "cpu"]
-    # No Docker config of the machine running the tests leaks in: HOME is the test's folder.
-    clean = {k: v for k, v in os.environ.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    # No credentials of the machine running the tests leak in (AWS_*, a Docker config; HOME is the
+    # test's folder, so no ~/.aws or ~/.docker either): each test gives its own in `env`.
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("AWS_") and k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
     clean["HOME"] = str(tmp_path)
     done = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=300, env=clean | (env or {}))
     result = json.loads(result_file.read_text()) if result_file.exists() else None
