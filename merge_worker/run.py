@@ -109,8 +109,15 @@ def _write_adapter(inputs: Inputs, folder: Path, device: torch.device, progress:
             writer.add_module(name, kinds[name], merged)
             records.append(ModuleRecord(name, merged.rank, float(merged.relative_error), merged.note))
             progress.update(records[-1])
-        for name in inputs.saved:
-            writer.add_saved(name, _saved_tensor_for(inputs, name, params))
+        saved = ", ".join(sorted(inputs.saved))
+        if spec.output.modules_to_save == "merge":
+            for name in inputs.saved:
+                writer.add_saved(name, _saved_tensor_for(inputs, name, params))
+            if saved:
+                log(f"kept modules_to_save {saved} in the adapter (vLLM refuses such adapters; "
+                    "output.modulesToSave: drop leaves them out)")
+        elif saved:
+            log(f"left out modules_to_save {saved} (output.modulesToSave: drop)")
         writer.close()
     except BaseException:
         writer.abort()

@@ -245,6 +245,10 @@ class Output(PathRef):
     """Tensor dtype written; unset: float32 for an adapter, the base model's dtype for a merged model."""
     overwrite: bool = False
     """Replace an existing output at the path instead of failing."""
+    modules_to_save: Literal["merge", "drop"] = "merge"
+    """Full tensors the input adapters carry in modules_to_save (e.g. a trained lm_head): merge keeps
+    them merged in an adapter output; drop leaves them out (vLLM refuses adapters that have them,
+    docs/serving.md). A merged model always folds them in."""
 
     @field_validator("rank", mode="before")
     @classmethod

@@ -122,3 +122,35 @@ def test_the_checker_catches_each_rule(tiny_store, tmp_path, change, words):
     (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
     refusals = vllm_refusals(folder, max_lora_rank=16)
     assert any(words in r for r in refusals), refusals
+
+
+@pytest.mark.parametrize("modules_to_save", ["merge", "drop"])
+def test_modules_to_save_are_kept_only_when_asked_to(tiny_store, tmp_path, modules_to_save):
+    """An input adapter that trained lm_head (modules_to_save): `merge` (the default) keeps it merged, which
+    vLLM refuses and the log says so; `drop` leaves it out and the output loads."""
+    from support.tiny_models import make_lora_adapter
+
+    store = tmp_path / "store"
+    make_lora_adapter(store / "lm-head", tiny_store / "models" / "tiny", r=2, alpha=4, target_modules=("v_proj",),
+                      modules_to_save=["lm_head"], seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = {"adapters": [{"name": "a", "path": "adapters/a", "claimName": "tiny"},
+                         {"name": "c", "path": "lm-head", "claimName": "store"}],
+            "baseModel": {"path": "models/tiny", "claimName": "tiny"},
+            "method": "linear", "output": {"path": "merged", "claimName": "out", "rank": 4}}
+    if modules_to_save == "drop":
+        spec["output"]["modulesToSave"] = "drop"
+    code, log, _ = cli(tmp_path, spec, extra=("--volume", f"tiny={tiny_store}", "--volume", f"store={store}",
+                                              "--volume", f"out={out}"))
+    assert code == 0, log
+    folder = out / "merged"
+    with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
+        saved = [k for k in weights.keys() if "lm_head" in k]
+    refusals = vllm_refusals(folder, max_lora_rank=8)
+    if modules_to_save == "merge":
+        assert saved and any("modules_to_save" in r for r in refusals), (saved, refusals)
+        assert "kept modules_to_save lm_head.weight" in log and "modulesToSave: drop" in log, log
+    else:
+        assert saved == [] and refusals == [], (saved, refusals)
+        assert "left out modules_to_save lm_head.weight" in log, log
