@@ -11,26 +11,10 @@ set -euo pipefail
 
 VERSITYGW_VERSION=${VERSITYGW_VERSION:-v1.8.0}
 cache=${ADAPTERMERGE_CACHE:-$HOME/.cache/adaptermerge}
-bin=$cache/s3-server/versitygw-$VERSITYGW_VERSION/bin
-mkdir -p "$bin"
-export GOFLAGS=-buildvcs=false CGO_ENABLED=0
+dir=$cache/s3-server/versitygw-$VERSITYGW_VERSION
+source "$(dirname "$0")/lib/go-install-cached.sh"
 
-log() { echo "build-s3-server: $*" >&2; }
-
-# The version output is captured before grep reads it: with `grep -q` in a pipe, grep exits at the
-# first match, the writer can die of SIGPIPE, and under pipefail the check failed and rebuilt.
-stamp_matches() {
-  local out
-  [ -x "$bin/versitygw" ] && out=$("$bin/versitygw" --version 2>/dev/null) && grep -qF -- "${VERSITYGW_VERSION#v}" <<<"$out"
-}
-
-# Parallel test runs on one machine share the cache: the second waits instead of building over the first.
-exec 9>"$cache/s3-server/.build.lock"
-flock 9
-if ! stamp_matches; then
-  log "compiling versitygw $VERSITYGW_VERSION (a few minutes cold on 2 cores)"
-  GOBIN=$bin nice -n 10 go install -trimpath \
-    -ldflags "-s -w -X main.Version=$VERSITYGW_VERSION -X main.Build=adaptermerge" \
-    "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
-fi
-echo "$bin/versitygw"
+go_install_cached "$dir" versitygw "${VERSITYGW_VERSION#v}" \
+  "-s -w -X main.Version=$VERSITYGW_VERSION -X main.Build=adaptermerge" \
+  "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+echo "$dir/bin/versitygw"
