@@ -58,6 +58,12 @@ RUN --mount=type=cache,id=adaptermerge-pip,target=/root/.cache/pip \
     && /opt/venv/bin/pip install --require-hashes -r /opt/requirements.txt
 COPY --from=project-wheel /wheels /opt/wheels
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/wheels/adaptermerge-*.whl
+# The merge's Triton kernels and their C launchers, compiled now for the common GPU architectures (no GPU
+# needed; merge_worker/kernel_cache.py), so a pod does not spend seconds compiling them: each run links
+# them into its own cache. A GPU of another architecture compiles them at run time as before.
+ENV ADAPTERMERGE_BAKED_TRITON_CACHE=/opt/adaptermerge/triton-cache
+RUN /opt/venv/bin/python -m merge_worker.kernel_cache bake "$ADAPTERMERGE_BAKED_TRITON_CACHE" \
+    && rm -rf /tmp/adaptermerge-libcuda-stub
 # Models and adapters come from mounted volumes only: never reach for a model hub at run time. Caches go
 # to /tmp (an emptyDir in the chart's pods): the root filesystem is read-only there.
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME=/tmp/huggingface TRITON_CACHE_DIR=/tmp/triton

@@ -77,3 +77,34 @@ def test_worker_triton_can_build_its_launcher():
     done = in_image("worker", "python3", "-c", probe)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "probe"
+
+
+def test_worker_copies_its_baked_kernels_into_the_run_cache():
+    """The image holds the merge's Triton kernels compiled for each listed GPU architecture and adapter
+    count, with their C launchers (merge_worker/kernel_cache.py); a run, as the image's user, copies
+    them into its writable cache under /tmp."""
+    probe = ("import json, os, pathlib\n"
+             "from merge_worker import kernel_cache as k\n"
+             "baked = pathlib.Path(os.environ[k.BAKED_ENV])\n"
+             "files = [p.name for p in baked.rglob('*') if p.is_file()]\n"
+             "kernels = sum(len(k._variants(r)) for r in json.loads(k.RECORDED.read_text()))\n"
+             "print(sum(f.endswith('.cubin') for f in files) == kernels * len(k.DEFAULT_ARCHS),\n"
+             "      any(f.startswith('__triton_launcher') for f in files), any(f.startswith('cuda_utils') for f in files))\n"
+             "copied = k.seed()\n"
+             "cache = pathlib.Path(os.environ['TRITON_CACHE_DIR'])\n"
+             "print(copied == len(list(baked.iterdir())) > 0, not any(p.is_symlink() for p in cache.iterdir()))\n")
+    done = in_image("worker", "python3", "-c", probe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"] * 5, done.stdout
+
+
+def test_worker_imports_from_compiled_bytecode():
+    """pip compiled every module at install time, so a fresh pod does not compile torch's Python (about
+    two seconds a process where the .pyc files are missing; the root filesystem is read-only, so it could
+    not keep them either)."""
+    probe = ("import importlib.util, os, torch, transformers, merge_worker.run\n"
+             "mods = (torch, transformers, merge_worker.run)\n"
+             "print([os.path.exists(importlib.util.cache_from_source(m.__file__)) for m in mods])\n")
+    done = in_image("worker", "python3", "-c", probe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[True, True, True]", done.stdout
