@@ -52,6 +52,16 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where that cannot be read."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # -- merging and writing ---------------------------------------------------------------------------
 
 
@@ -146,6 +156,7 @@ def _write_merged_model(inputs: Inputs, folder: Path, device: torch.device, prog
         folder, base, {m.name: m.kind for m in inputs.plan}, delta_for,
         {name: (lambda n=name: _saved_tensor_for(inputs, n, params)) for name in inputs.saved},
         dtype=dtype, fan_in_fan_out=inputs.adapters[0].config.fan_in_fan_out, pin_memory=device.type == "cuda",
+        check_base=True,  # load_inputs(writer_checks_base=True) left the base's NaN/Inf scan to the writer
     )
     return records
 
@@ -183,9 +194,18 @@ def run_merge(spec: AdapterMergeSpec, volumes: Volumes, *, device: str = "auto",
     describes (the spec as written and the s3:// sources, merge_worker/storage/staging.py)."""
     started = time.monotonic()
     timings: dict[str, float] = {}
-    inputs = load_inputs(spec, volumes, owner=owner, spec_file=spec_file)
+    if (age := process_age()) is not None:
+        timings["startup"] = age  # interpreter, imports (torch), spec: before this function ran
+    inputs = load_inputs(spec, volumes, owner=owner, spec_file=spec_file,
+                         writer_checks_base=spec.output.format == "merged-model")
     torch_device = pick_device(device)
     timings["validate"] = time.monotonic() - started
+    if torch_device.type == "cuda":
+        # The CUDA context, timed on its own rather than inside the first module's merge.
+        start = time.monotonic()
+        torch.zeros(1, device=torch_device).add_(1)
+        torch.cuda.synchronize(torch_device)
+        timings["cuda_init"] = time.monotonic() - start
     if device == "auto" and torch_device.type == "cpu":
         # A GPU node without a usable driver (or a GPU request met by a non-GPU node) must be visible.
         log("no CUDA device is available (torch.cuda.is_available() is False): merging on the CPU")
@@ -272,9 +292,12 @@ def _build(inputs: Inputs, tmp: Path, device: torch.device, timings: dict[str, f
         start = time.monotonic()
         evaluation = evaluate_merge(spec, inputs.volumes, tmp, device, log)
         timings["evaluate"] = time.monotonic() - start
+    start = time.monotonic()
+    described = _describe_inputs(inputs, digests)  # waits for the input files' sha256 still running
+    timings["digests_wait"] = time.monotonic() - start
     manifest = build_manifest(
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"job"}),
-        inputs=_describe_inputs(inputs, digests),
+        inputs=described,
         device=str(device), modules=sorted(records, key=lambda r: r.name), timings=timings,
         evaluation=evaluation, owner=None if inputs.owner is None else inputs.owner.to_json(),
     )

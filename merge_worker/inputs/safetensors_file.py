@@ -139,18 +139,26 @@ class SafetensorsFile:
         return None
 
     def _problem(self, key: str) -> str | None:
-        code = self.entries[key].dtype
-        dtype = DTYPES[code]
-        values = self.array(key).reshape(-1)
-        special = (values & dtype.exponent_mask) == dtype.exponent_mask
-        if special.any():
-            mantissa = _MANTISSA.get(code)
-            if not dtype.inf_possible or mantissa is None or bool((values[special] & mantissa).any()):
-                return "NaN"
-            return "Inf"
-        if code == "F64" and values.size and float(np.abs(values.view(np.float64)).max()) > FLOAT32_MAX:
-            return "a value beyond float32's range (it would become Inf)"
+        return tensor_problem(self.array(key), self.entries[key].dtype)
+
+
+def tensor_problem(values: np.ndarray, code: str) -> str | None:
+    """What makes one tensor unusable, from its bytes read as `code`'s storage integers (any shape):
+    "NaN", "Inf", a float64 value beyond float32's range, or None (also for integer dtypes). The check
+    the scan above makes, for a reader that holds the tensor anyway (the merged-model writer)."""
+    dtype = DTYPES[code]
+    if not dtype.is_float:
         return None
+    values = values.reshape(-1)
+    if _any_all_ones(values, dtype.exponent_mask):  # one pass; the slower look below only when it hits
+        special = (values & dtype.exponent_mask) == dtype.exponent_mask
+        mantissa = _MANTISSA.get(code)
+        if not dtype.inf_possible or mantissa is None or bool((values[special] & mantissa).any()):
+            return "NaN"
+        return "Inf"
+    if code == "F64" and values.size and float(np.abs(values.view(np.float64)).max()) > FLOAT32_MAX:
+        return "a value beyond float32's range (it would become Inf)"
+    return None
 
 
 def _any_all_ones(values: np.ndarray, mask: int) -> bool:

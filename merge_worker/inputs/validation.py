@@ -53,10 +53,12 @@ class Inputs:
 
 
 def load_inputs(spec: AdapterMergeSpec, volumes: Volumes, *, owner: Owner | None = None,
-                spec_file: Path | None = None) -> Inputs:
+                spec_file: Path | None = None, writer_checks_base: bool = False) -> Inputs:
     """Resolves and checks every input of `spec`; raises SpecError naming the field at fault.
     owner: the resource the output belongs to (--owner); spec_file: the YAML file, which the output may
-    not replace either."""
+    not replace either. writer_checks_base: a merged-model output's writer checks each base tensor for
+    NaN/Inf as it reads it (the same check and message), so `run` does not read the whole base twice;
+    `validate` scans it here."""
     adapter_folders = [
         volumes.open_folder(spec, a, f"spec.adapters[{i}].path") for i, a in enumerate(spec.adapters)
     ]
@@ -87,7 +89,7 @@ def load_inputs(spec: AdapterMergeSpec, volumes: Volumes, *, owner: Owner | None
         name: tuple(name in a.saved for a in adapters)
         for name in sorted(set().union(*(a.saved for a in adapters)))
     }
-    base = _open_base(spec, base_folder, saved) if base_folder else None
+    base = _open_base(spec, base_folder, saved, writer_checks_base) if base_folder else None
     _check_against_base(spec, adapters, plan, saved, base)
     for i, (ref, file) in enumerate(zip(spec.evaluation.datasets if spec.evaluation else [], datasets)):
         read_jsonl(file, f"spec.evaluation.datasets[{i}].path", ref.max_examples)  # evaluation reads it again
@@ -105,7 +107,8 @@ def load_inputs(spec: AdapterMergeSpec, volumes: Volumes, *, owner: Owner | None
                   output_path, views, protected, owner)
 
 
-def _open_base(spec: AdapterMergeSpec, folder: InputFolder, saved: dict[str, tuple[bool, ...]]) -> BaseWeights:
+def _open_base(spec: AdapterMergeSpec, folder: InputFolder, saved: dict[str, tuple[bool, ...]],
+               writer_checks_base: bool = False) -> BaseWeights:
     where = "spec.baseModel.path"
     try:
         base = BaseWeights(folder)
@@ -114,7 +117,8 @@ def _open_base(spec: AdapterMergeSpec, folder: InputFolder, saved: dict[str, tup
         if spec.evaluation is not None:
             base.check_tokenizer()
         # The tensors the output is made of must be finite: all of them for a merged model.
-        used = None if spec.output.format == "merged-model" else [n for n in saved if n in base]
+        whole = spec.output.format == "merged-model" and not writer_checks_base
+        used = None if whole else [n for n in saved if n in base]  # the merge reads modules_to_save itself
         bad = base.first_unusable(used)
     except BaseWeightsError as exc:
         raise SpecError(where, str(exc)) from None

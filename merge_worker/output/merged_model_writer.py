@@ -6,8 +6,10 @@ the base checkpoint's headers), so each shard's header is written first and ever
 to its offset: no side file, no second copy of the bytes. Shards are written in parallel, one thread per
 shard: a thread reads a base tensor (pread, into a reusable pinned buffer on a GPU), hands it to the
 merge (one at a time, under a lock: the device runs one module's merge after another), and writes the
-result (pwrite) while other threads read, merge and write theirs. Base tensors the merge does not change
-are copied file to file (copy_file_range) when their dtype stays. Memory stays flat in the model's size:
+result (pwrite) while other threads read, merge and write theirs. The worker checks each base tensor for
+NaN/Inf here, as it reads it (check_base), rather than in a scan of the whole base before: one read of
+the base, not two. Base tensors the merge does not change are copied file to file (copy_file_range) when
+their dtype stays and nothing needs checking. Memory stays flat in the model's size:
 each thread holds one tensor (in and out) at a time. The config, tokenizer and other small files are copied
 as they are (config.json's dtype updated when the output dtype differs from the base's).
 """
@@ -30,7 +32,9 @@ import torch
 from merge_worker.inputs.adapters import ModuleKind, weight_name
 from merge_worker.inputs.base_weights import INDEX_FILE, SINGLE_FILE, BaseWeights
 from merge_worker.output.finite import cast_finite
+from merge_worker.inputs.safetensors_file import DTYPES, tensor_problem
 from merge_worker.output.safetensors_stream import DTYPE_CODES
+from merge_worker.spec import SpecError
 
 DEFAULT_SHARD_BYTES = 2 << 30  # smaller shards: more of them are written side by side
 MAX_WRITER_THREADS = 8
@@ -39,6 +43,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 _SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+BASE_FIELD = "spec.baseModel.path"
 
 
 def apply_delta(weight: torch.Tensor, delta: torch.Tensor, kind: ModuleKind, fan_in_fan_out: bool) -> torch.Tensor:
@@ -68,15 +73,19 @@ def write_merged_model(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     threads: int | None = None,
     pin_memory: bool = False,
+    check_base: bool = False,
 ) -> list[Path]:
     """modules: merged module name -> kind; delta_for(module) computes its merged delta when its weight
     comes up; saved: tensor name -> a function computing its merged modules_to_save tensor (also only
     when it comes up). delta_for and saved are called one at a time. pin_memory: page-locked host
-    buffers, for deltas on a GPU. Returns the weight files written."""
+    buffers, for deltas on a GPU. check_base: every base tensor the writer reads is checked for NaN/Inf
+    (SpecError naming spec.baseModel.path, as the input validation would), and unchanged tensors are
+    read and written rather than copied file to file, so the base is read once. Returns the weight
+    files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     by_weight = {weight_name(m): m for m in modules}
-    sources = _SourceIndex(base)
+    sources = _SourceIndex(base, check=check_base)
     shards = _plan_shards(folder, base, sources, dtype, max_shard_bytes)
     lock = threading.Lock()  # one merge at a time: the callbacks are not thread-safe, the device is shared
     failed = threading.Event()
@@ -102,8 +111,10 @@ def write_merged_model(
                 source = sources.locate(entry.name)
                 if entry.name in by_weight or entry.name in saved:
                     shard.write(entry, merged(entry.name, buffers))
-                elif source.dtype == entry.dtype:
+                elif source.dtype == entry.dtype and not check_base:
                     shard.copy(entry, source, sources.fd(source))  # unchanged bytes: file to file
+                elif source.dtype == entry.dtype:
+                    shard.write(entry, sources.read(source, buffers).view(-1).view(torch.uint8))
                 else:
                     shard.write(entry, buffers.host_copy(to_output_dtype(
                         sources.read(source, buffers), dtype, f"base model tensor {entry.name}",
@@ -135,9 +146,11 @@ def write_merged_model(
 
 @dataclass(frozen=True)
 class _Source:
+    name: str
     path: Path
     offset: int  # of the tensor's first byte in the file
     nbytes: int
+    code: str  # safetensors' dtype code
     dtype: torch.dtype
     shape: tuple[int, ...]
 
@@ -146,7 +159,9 @@ class _SourceIndex:
     """Where each base tensor's bytes are (from the safetensors headers), read with pread: the reads of
     several threads run side by side, outside the GIL, straight into the caller's buffer."""
 
-    def __init__(self, base: BaseWeights):
+    def __init__(self, base: BaseWeights, check: bool = False):
+        self._base_path = base.path
+        self._check = check
         self._where: dict[str, _Source] = {}
         self._fds: dict[Path, int] = {}
         for path in base.shards:
@@ -157,8 +172,8 @@ class _SourceIndex:
                 if name == "__metadata__":
                     continue
                 begin, end = info["data_offsets"]
-                self._where[name] = _Source(path, 8 + length + begin, end - begin, _CODE_DTYPES[info["dtype"]],
-                                            tuple(info["shape"]))
+                self._where[name] = _Source(name, path, 8 + length + begin, end - begin, info["dtype"],
+                                            _CODE_DTYPES[info["dtype"]], tuple(info["shape"]))
             self._fds[path] = os.open(path, os.O_RDONLY)
 
     def locate(self, name: str) -> _Source:
@@ -176,6 +191,8 @@ class _SourceIndex:
             if got <= 0:
                 raise OSError(f"{source.path}: unexpected end of file")
             done += got
+        if self._check and (problem := tensor_problem(raw.numpy().view(DTYPES[source.code].storage), source.code)):
+            raise SpecError(BASE_FIELD, f"{self._base_path}: tensor {source.name} holds {problem}")
         return raw.view(source.dtype).view(source.shape)
 
     def close(self) -> None:
@@ -255,9 +272,15 @@ class _Shard:
         _pwrite_all(self._fd, memoryview(self._header), 0)
         return self
 
-    def __exit__(self, *exc) -> None:
-        os.close(self._fd)
-        self._fd = None
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                # Flushed here, by the shard's own thread while others still write, rather than one file
+                # after another when the output is published (which then finds nothing left to flush).
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def write(self, entry: _Entry, raw: torch.Tensor) -> None:
         assert raw.numel() == entry.nbytes, entry.name

@@ -197,3 +197,64 @@ def test_a_small_adapter_declaring_a_huge_module_is_refused(store, adaptermerge)
     spec = _spec(adapters=[{"name": "b", "path": "adapters/b"}])
     _both_refuse(adaptermerge, spec, store, "spec.adapters[0].path", "model.layers.0.self_attn.q_proj",
                  "more than 2147483648 elements")
+
+
+# -- a merged model's base: checked as the writer reads it (one read), refused the same way --------------
+
+
+def _poison_base_tensor(store: Path, name_contains: str, dtype: torch.dtype, value: float) -> str:
+    from safetensors.torch import load_file, save_file
+
+    found = None
+    for path in sorted((store / "models" / "tiny").glob("*.safetensors")):  # every shard in the dtype
+        tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in load_file(str(path)).items()}
+        for key in sorted(tensors):
+            if name_contains in key and found is None:
+                tensors[key].view(-1)[3] = value
+                found = key
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    assert found is not None, name_contains
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tensor", ["layers.1.self_attn.q_proj.weight",  # a merged weight
+                                    "embed_tokens.weight",                # copied unchanged
+                                    "layers.0.input_layernorm.weight"])
+def test_a_merged_models_non_finite_base_tensor_is_refused_like_validate(store, adaptermerge, dtype, tensor):
+    key = _poison_base_tensor(store, tensor, dtype, float("nan"))
+    spec = _spec(baseModel={"path": "models/tiny"}, output={"path": "merged/out", "format": "merged-model"})
+    checked, ran = adaptermerge("validate", spec, store), adaptermerge("run", spec, store)
+
+    def error(run) -> str:  # run has logged its progress before the writer met the tensor
+        assert run.code == 2 and "Traceback" not in run.err, run.err
+        return next(line for line in run.err.splitlines() if line.startswith("adaptermerge: error:"))
+
+    assert error(checked) == error(ran), "validate and run must refuse with the same message"
+    for word in ("spec.baseModel.path", key, "holds NaN"):
+        assert word in error(ran)
+    assert ran.result["exitCode"] == 2 and ran.result["reason"] == "InvalidSpec"
+    assert not (store / "merged").exists(), "nothing written, no temporary folder left"
+
+
+def test_a_merged_model_run_reads_the_base_weights_once(store, adaptermerge, monkeypatch):
+    """`run` leaves the base's NaN/Inf scan to the writer, which checks each tensor as it reads it;
+    `validate` (which writes nothing) still scans it all."""
+    from merge_worker.inputs.safetensors_file import SafetensorsFile
+
+    scans = []
+    original = SafetensorsFile.first_unusable
+
+    def recording(self, keys=None, *args, **kwargs):
+        if "models" in Path(self.file.path).parts:  # the base's files, not the adapters'
+            scans.append(keys)
+        return original(self, keys, *args, **kwargs)
+
+    monkeypatch.setattr(SafetensorsFile, "first_unusable", recording)
+    spec = _spec(baseModel={"path": "models/tiny"}, output={"path": "merged/out", "format": "merged-model"})
+    assert adaptermerge("validate", spec, store).code == 0
+    assert None in scans, "validate scans every base tensor"
+    scans.clear()
+    ran = adaptermerge("run", spec, store)
+    assert ran.code == 0, ran.err
+    assert all(keys == [] for keys in scans), f"run scanned base tensors before writing: {scans}"
