@@ -317,9 +317,10 @@ def release_memory(device: torch.device) -> None:
 
 
 def _score(scorer: Scorer, datasets: Sequence[Any], examples: dict[str, list[Example]],
-           roles: dict[str, str | None]) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+           roles: dict[str, str | None], phases: dict[str, float],
+           ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
     """Losses and exact-match rates keyed (dataset, role); a role's adapter "source" means the dataset's
-    own source adapter."""
+    own source adapter. Adds the seconds of each part to phases ("loss", "generate")."""
     def adapter(d: Any, role_adapter: str | None) -> str | None:
         return source_adapter_name(d.adapter) if role_adapter == "source" else role_adapter
 
@@ -329,7 +330,13 @@ def _score(scorer: Scorer, datasets: Sequence[Any], examples: dict[str, list[Exa
             tasks.append(Task((d.name, role), examples[d.name], adapter(d, role_adapter)))
             if d.exact_match:
                 exact_tasks.append(tasks[-1])
-    return scorer.losses(tasks), (scorer.exact_matches(exact_tasks) if exact_tasks else {})
+    start = time.monotonic()
+    losses = scorer.losses(tasks)
+    phases["loss"] = phases.get("loss", 0.0) + time.monotonic() - start
+    start = time.monotonic()
+    exact = scorer.exact_matches(exact_tasks) if exact_tasks else {}
+    phases["generate"] = phases.get("generate", 0.0) + time.monotonic() - start
+    return losses, exact
 
 
 def read_datasets(spec: AdapterMergeSpec, volumes: Any, part: str = "report") -> dict[str, list[dict[str, str]]]:
@@ -384,7 +391,9 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
     started = time.monotonic()
     evaluation = spec.evaluation
     rows = read_datasets(spec, volumes)
+    phases: dict[str, float] = {}
     scorer, loaded = load_scorer(spec, volumes, device, log)
+    phases["load"] = time.monotonic() - started
     tokenizer = scorer.tokenizer
     examples = {name: [encode(tokenizer, r["prompt"], r["completion"]) for r in rs] for name, rs in rows.items()}
     notes = [loaded.note] if loaded.note else []
@@ -398,7 +407,7 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
     # for all the losses and one for all the generations, mixing adapters within a batch.
     roles = {"base": None, "source": "source"} | ({"merged": merged_adapter} if merged_adapter else {})
     log(f"evaluation: {', '.join(roles)} on {', '.join(f'{d.name} ({len(examples[d.name])})' for d in evaluation.datasets)}")
-    losses, exact = _score(scorer, evaluation.datasets, examples, roles)
+    losses, exact = _score(scorer, evaluation.datasets, examples, roles, phases)
     if merged_adapter is None:
         scorer.model = loaded = None  # one model in memory at a time
         release_memory(device)
@@ -406,7 +415,7 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
         merged = load_causal_lm(merged_dir, spec.base_model.quantization, device)
         scorer.model, quantization = merged.model, merged.quantization
         log("evaluation: merged model on every dataset")
-        more_losses, more_exact = _score(scorer, evaluation.datasets, examples, {"merged": None})
+        more_losses, more_exact = _score(scorer, evaluation.datasets, examples, {"merged": None}, phases)
         losses |= more_losses
         exact |= more_exact
 
@@ -431,6 +440,7 @@ def evaluate_merge(spec: AdapterMergeSpec, volumes: Any, merged_dir: Path, devic
         "quantization": quantization,
         "note": "; ".join(notes),
         "seconds": round(time.monotonic() - started, 3),
+        "phaseSeconds": {k: round(v, 3) for k, v in phases.items()},  # load (with reading), loss, generate
         "minRetention": threshold,
         "passed": not below,
         "datasets": results,
