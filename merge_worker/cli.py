@@ -122,10 +122,7 @@ def _error(message: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from merge_worker.kernel_cache import seed
     from merge_worker.output import termination
-
-    seed()  # the image's ahead-of-time compiled GPU kernels, before anything can compile them
 
     previous_handlers = termination.install()
     try:

@@ -11,8 +11,9 @@ specialization (argument types, constants, alignment attributes, options), which
   the Dockerfile runs it). The key Triton files a kernel under is computed from the kernel's source, the
   specialization, the options, the compiler and the target, so a baked entry is found exactly when the
   running process would have compiled the same kernel; a changed kernel simply compiles again.
-- `seed`: at worker start, copies the baked entries into the writable cache folder the process uses
-  (TRITON_CACHE_DIR; the image's own folder is read-only for the pod's user).
+- `seed`: when a run picks a GPU, copies the entries baked for its architecture into the writable
+  cache folder the process uses (TRITON_CACHE_DIR; the image's own folder is read-only for the pod's
+  user).
 
     python -m merge_worker.kernel_cache record merge_worker/triton_kernels.json -- run spec.yaml --volume ...
     python -m merge_worker.kernel_cache bake /opt/adaptermerge/triton-cache --arch 80,86,89,90,100
@@ -83,16 +84,21 @@ def bake(cache: Path, archs: tuple[int, ...] = DEFAULT_ARCHS, records: list[dict
          workers: int | None = None) -> int:
     """Compiles every recorded specialization (and its variants for other adapter counts) for each
     architecture into `cache`, in parallel processes; returns how many kernels it compiled."""
-    jobs = [(variant, arch) for data in (_load(RECORDED) if records is None else records)
+    jobs = [(variant, arch, str(arch_folder(cache, arch))) for data in (_load(RECORDED) if records is None else records)
             for variant in _variants(data) for arch in archs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     _libcuda_stub()  # made once, before the workers use it
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_use_cache, initargs=(str(cache),)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_compile_one, jobs))
-    _use_cache(str(cache))
-    _build_host_module(_cuda_utils)
+    for arch in archs:
+        _use_cache(str(arch_folder(cache, arch)))
+        _build_host_module(_cuda_utils)
     return len(jobs)
+
+
+def arch_folder(cache: Path, arch: int) -> Path:
+    """One folder per GPU architecture, each a complete Triton cache (kernels, launchers, helpers)."""
+    return Path(cache) / f"sm{arch}"
 
 
 def _variants(data: dict) -> list[dict]:
@@ -115,13 +121,14 @@ def _use_cache(cache: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache  # read when Triton first asks for its cache
 
 
-def _compile_one(job: tuple[dict, int]) -> None:
+def _compile_one(job: tuple[dict, int, str]) -> None:
+    data, arch, cache = job
+    _use_cache(cache)
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    data, arch = job
     fn = jit_function(data["name"])
     constexprs = {
         tuple(k): tl.dtype(v) if tl.dtype.is_dtype(v)
@@ -147,8 +154,12 @@ def _compile_one(job: tuple[dict, int]) -> None:
 
 def _build_host_module(build) -> None:
     """Builds one host module into the cache; loading it needs the real driver, so that part may fail."""
+    import logging
+
     from triton import knobs
 
+    # A launcher another variant already cached is loaded first, which fails here: not worth a warning.
+    logging.getLogger("triton.runtime.build").setLevel(logging.ERROR)
     stub = _libcuda_stub()
     previous = knobs.nvidia.libcuda_path, os.environ.get("CC")
     knobs.nvidia.libcuda_path = str(stub)
@@ -204,19 +215,21 @@ def _cuda_utils() -> None:
                             libraries=driver.libraries)
 
 
-def seed(cache: Path | None = None, baked: Path | None = None) -> int:
-    """Copies the baked kernels into the process's writable Triton cache (entries it lacks); returns how
-    many it copied. Nothing to do without a baked folder (a laptop, a source checkout). Copies, not
-    links: Triton rewrites an entry it cannot use, and the image's folder is read-only."""
+def seed(capability: int, cache: Path | None = None, baked: Path | None = None) -> int:
+    """Copies the kernels baked for this GPU architecture (capability 90 for 9.0) into the process's
+    writable Triton cache (entries it lacks); returns how many it copied. Nothing to do without a baked
+    folder (a laptop, a source checkout) or for an architecture that was not baked. Copies, not links:
+    Triton rewrites an entry it cannot use, and the image's folder is read-only."""
     baked = baked or (Path(os.environ[BAKED_ENV]) if os.environ.get(BAKED_ENV) else None)
     cache = cache or (Path(os.environ["TRITON_CACHE_DIR"]) if os.environ.get("TRITON_CACHE_DIR") else None)
-    if baked is None or cache is None or not baked.is_dir():
+    if baked is None or cache is None or not arch_folder(baked, capability).is_dir():
         return 0
+    source = arch_folder(baked, capability)
     cache.mkdir(parents=True, exist_ok=True)
-    if cache.resolve() == baked.resolve():
+    if cache.resolve() == source.resolve():
         return 0
     copied = 0
-    for entry in baked.iterdir():
+    for entry in source.iterdir():
         target = cache / entry.name
         if entry.is_dir() and not target.exists():
             partial = cache / f".{entry.name}.partial-{os.getpid()}"
@@ -227,6 +240,16 @@ def seed(cache: Path | None = None, baked: Path | None = None) -> int:
             except OSError:
                 shutil.rmtree(partial, ignore_errors=True)
     return copied
+
+
+def seed_for(device) -> int:
+    """seed() for a torch device: the baked kernels of its architecture, on CUDA only."""
+    if getattr(device, "type", None) != "cuda":
+        return 0
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return seed(major * 10 + minor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from merge_worker.inputs.adapters import iter_module_factors
 from merge_worker.output.adapter_writer import AdapterWriter
 from merge_worker.factors import LoraFactors, MergeParams
 from merge_worker.inputs.validation import Inputs, load_inputs
+from merge_worker.kernel_cache import seed_for
 from merge_worker.output.manifest import FileDigests, build_manifest, describe_input, write_manifest
 from merge_worker.output.merged_model_writer import write_merged_model
 from merge_worker.output import termination
@@ -49,7 +50,9 @@ def pick_device(choice: str) -> torch.device:
         raise SpecError("--device", "cuda was asked for but no CUDA device is available")
     if choice not in ("auto", "cuda"):
         raise SpecError("--device", f"expected auto, cpu or cuda, got {choice!r}")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_for(device)  # the image's kernels compiled ahead of time for this GPU, before any can compile
+    return device
 
 
 def process_age() -> float | None:

@@ -16,34 +16,40 @@ import pytest
 from merge_worker import kernel_cache
 
 
-def test_seed_copies_baked_entries_and_keeps_existing(tmp_path, monkeypatch):
+def test_seed_copies_the_architectures_entries_and_keeps_existing(tmp_path, monkeypatch):
     baked, cache = tmp_path / "baked", tmp_path / "cache"
-    for name in ("AAA", "BBB"):
-        (baked / name).mkdir(parents=True)
-        (baked / name / "k.cubin").write_bytes(b"baked " + name.encode())
+    for arch, names in ((90, ("AAA", "BBB")), (80, ("CCC",))):
+        for name in names:
+            (kernel_cache.arch_folder(baked, arch) / name).mkdir(parents=True)
+            (kernel_cache.arch_folder(baked, arch) / name / "k.cubin").write_bytes(b"baked " + name.encode())
     (cache / "BBB").mkdir(parents=True)
     (cache / "BBB" / "k.cubin").write_bytes(b"compiled here")
     monkeypatch.setenv(kernel_cache.BAKED_ENV, str(baked))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
 
-    assert kernel_cache.seed() == 1
+    assert kernel_cache.seed(90) == 1
     assert (cache / "AAA" / "k.cubin").read_bytes() == b"baked AAA"
     assert (cache / "BBB" / "k.cubin").read_bytes() == b"compiled here"
+    assert not (cache / "CCC").exists(), "another architecture's kernels stay behind"
     # a copy, not a link: Triton may rewrite an entry, and the image's folder is read-only
     assert not (cache / "AAA").is_symlink()
     (cache / "AAA" / "k.cubin").write_bytes(b"rewritten")
-    assert (baked / "AAA" / "k.cubin").read_bytes() == b"baked AAA"
-    assert kernel_cache.seed() == 0  # a second start copies nothing again
+    assert (kernel_cache.arch_folder(baked, 90) / "AAA" / "k.cubin").read_bytes() == b"baked AAA"
+    assert kernel_cache.seed(90) == 0  # a second start copies nothing again
     assert sorted(p.name for p in cache.iterdir()) == ["AAA", "BBB"]  # no partial copies left
+    assert kernel_cache.seed(75) == 0  # an architecture that was not baked compiles at run time
 
 
-def test_seed_without_a_baked_folder_does_nothing(tmp_path, monkeypatch):
+def test_seed_without_a_baked_folder_or_a_gpu_does_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv(kernel_cache.BAKED_ENV, raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-    assert kernel_cache.seed() == 0
+    assert kernel_cache.seed(90) == 0
     assert not (tmp_path / "cache").exists()
     monkeypatch.setenv(kernel_cache.BAKED_ENV, str(tmp_path / "missing"))
-    assert kernel_cache.seed() == 0
+    assert kernel_cache.seed(90) == 0
+    import torch
+
+    assert kernel_cache.seed_for(torch.device("cpu")) == 0
 
 
 def _recorded() -> list[dict]:
@@ -76,7 +82,7 @@ def test_bake_files_every_kernel_and_launcher_without_a_gpu(tmp_path, monkeypatc
     expected = sum(len(kernel_cache._variants(r)) for r in records)
     assert expected > len(records)  # the fused merge for every adapter count
     assert kernel_cache.bake(tmp_path / "baked", (90,), records, workers=2) == expected
-    files = [p for p in (tmp_path / "baked").rglob("*") if p.is_file()]
+    files = [p for p in kernel_cache.arch_folder(tmp_path / "baked", 90).rglob("*") if p.is_file()]
     assert sum(p.suffix == ".cubin" for p in files) == expected
     for record in records:
         short = record["name"].rpartition(".")[2]
