@@ -26,6 +26,8 @@ _PRINTER_COLUMNS = [
     {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Output", "type": "string", "jsonPath": ".spec.output.path"},
+    # An output is a path or a uri (s3://, oci://): a column can show one field, so each has its own.
+    {"name": "URI", "type": "string", "jsonPath": ".spec.output.uri"},
     {
         "name": "Reason",
         "type": "string",

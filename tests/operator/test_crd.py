@@ -137,9 +137,9 @@ def test_kopf_bookkeeping_in_status_survives_pruning():
 
 def test_printer_columns_point_at_fields_that_exist():
     columns = {c["name"]: c for c in version()["additionalPrinterColumns"]}
-    assert {"Method", "Phase", "Output", "Age"} <= columns.keys()
+    assert {"Method", "Phase", "Output", "URI", "Age"} <= columns.keys()
     assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
-    for name in ("Method", "Phase", "Output"):
+    for name in ("Method", "Phase", "Output", "URI"):
         node = open_schema()
         for part in columns[name]["jsonPath"].strip(".").split("."):
             node = node["properties"][part]

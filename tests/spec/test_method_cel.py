@@ -76,3 +76,21 @@ def test_rejected(control_plane, namespace, crd, changes, message):
     done = dry_run(control_plane, namespace, **changes)
     assert done.returncode != 0
     assert message in done.stderr
+
+
+def test_kubectl_get_shows_a_path_or_a_uri_output(control_plane, namespace, crd):
+    """`kubectl get adaptermerges` names the output of either kind: a claim path or an s3:// / oci:// uri."""
+    for name, output in (("to-path", {"path": "merged/out"}), ("to-uri", {"uri": "s3://bucket/merged/out"})):
+        document = copy.deepcopy(RESOURCE)
+        document["metadata"]["name"] = name
+        document["spec"].update(method="linear", output=output)
+        if "uri" in output:
+            document["spec"]["adapters"] = [{"name": "a", "uri": "s3://bucket/a"}, {"name": "b", "uri": "s3://bucket/b"}]
+            del document["spec"]["volume"]
+        control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(document))
+    table = control_plane.kubectl("get", "adaptermerges", "-n", namespace).stdout.splitlines()
+    header = table[0].split()
+    assert header[:5] == ["NAME", "METHOD", "PHASE", "OUTPUT", "URI"], table[0]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert "merged/out" in rows["to-path"] and "s3://" not in rows["to-path"]
+    assert "s3://bucket/merged/out" in rows["to-uri"]
