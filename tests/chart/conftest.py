@@ -58,4 +58,4 @@ def extra_namespace(control_plane):
 def chart_crds(control_plane):
     """The chart's crds/ applied for real, as `helm install` does before the templates."""
     control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART_CRDS))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CHART_CRDS))
+    control_plane.wait_established("-f", str(CHART_CRDS))

@@ -120,7 +120,7 @@ CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "adaptermerge.io_adapt
 @pytest.fixture(scope="module")
 def crd(control_plane):
     control_plane.kubectl("apply", "-f", str(CRD_FILE))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/adaptermerges.adaptermerge.io", "--timeout=60s")
+    control_plane.wait_established("crd/adaptermerges.adaptermerge.io")
 
 
 @pytest.fixture(scope="module")

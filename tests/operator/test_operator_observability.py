@@ -50,7 +50,7 @@ def unrelated_objects(count: int) -> str:
 @pytest.fixture(scope="module")
 def crd(control_plane):
     control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/adaptermerges.adaptermerge.io", "--timeout=60s")
+    control_plane.wait_established("crd/adaptermerges.adaptermerge.io")
 
 
 @pytest.fixture

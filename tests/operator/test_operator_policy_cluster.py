@@ -27,7 +27,7 @@ POLICY = {"claims": {"matchLabels": ALLOWED}, "allowedPriorityClasses": ["batch-
 @pytest.fixture(scope="module")
 def crd(control_plane):
     control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/adaptermerges.adaptermerge.io", "--timeout=60s")
+    control_plane.wait_established("crd/adaptermerges.adaptermerge.io")
 
 
 def chart_env(control_plane, namespace: str, values: dict) -> dict[str, str]:

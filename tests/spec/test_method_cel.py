@@ -1,7 +1,6 @@
 """The CRD's CEL rules for the merge methods, on a real API server (server-side dry runs)."""
 
 import copy
-import time
 
 import pytest
 import yaml
@@ -26,14 +25,7 @@ RESOURCE = {
 @pytest.fixture(scope="module")
 def crd(control_plane):
     control_plane.kubectl("apply", "-f", "-", input=crd_yaml())
-    # Polled rather than `kubectl wait`, which fails outright while the new CRD's status.conditions is
-    # still null (seen on a loaded machine).
-    deadline = time.monotonic() + 60
-    established = '{.status.conditions[?(@.type=="Established")].status}'
-    while control_plane.kubectl("get", "crd/adaptermerges.adaptermerge.io", "-o", f"jsonpath={established}",
-                                check=False).stdout != "True":
-        assert time.monotonic() < deadline, "the CRD was not Established within 60 s"
-        time.sleep(0.2)
+    control_plane.wait_established("crd/adaptermerges.adaptermerge.io")
 
 
 def dry_run(control_plane, namespace, **spec_changes):

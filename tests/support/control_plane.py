@@ -164,6 +164,23 @@ class ControlPlane:
         scope = ["-n", namespace] if namespace else []
         return json.loads(self.kubectl("get", *args, *scope, "-o", "json").stdout)
 
+    def wait_established(self, *targets: str, timeout: float = 60.0) -> None:
+        """Polls until every CRD named (`crd/NAME`, or `-f PATH`) is Established. Not `kubectl wait`,
+        which fails outright while a new CRD's status.conditions is still null (seen under load:
+        ".status.conditions accessor error: <nil>")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.kubectl("get", *targets, "-o", "json", check=False)
+            if done.returncode == 0:
+                listed = json.loads(done.stdout)
+                crds = listed.get("items", [listed])
+                if crds and all(any(c.get("type") == "Established" and c.get("status") == "True"
+                                    for c in (crd.get("status") or {}).get("conditions") or []) for crd in crds):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{' '.join(targets)} not Established within {timeout:.0f} s: {done.stderr}")
+            time.sleep(0.2)
+
     def kubeconfig_for_token(self, token: str) -> Path:
         name = hashlib.sha256(token.encode()).hexdigest()[:12]
         return _write_kubeconfig(self.workdir / f"kubeconfig-{name}.json", self.server, self.ca_file, token)

@@ -61,7 +61,7 @@ integrations:
 def running_kueue(control_plane, tool_dir: Path, workdir: Path) -> Iterator[subprocess.Popen]:
     """Installs Kueue's CRDs, starts its controller manager, and stops it on exit."""
     control_plane.kubectl("apply", "--server-side", "-f", str(tool_dir / "crds"))
-    control_plane.kubectl("wait", "--for=condition=Established", "-f", str(tool_dir / "crds"), "--timeout=60s")
+    control_plane.wait_established("-f", str(tool_dir / "crds"))
     control_plane.kubectl("create", "namespace", KUEUE_NAMESPACE, check=False)
     workdir.mkdir(parents=True, exist_ok=True)
     _self_signed(workdir / "webhook-certs")
