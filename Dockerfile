@@ -59,8 +59,8 @@ RUN --mount=type=cache,id=adaptermerge-pip,target=/root/.cache/pip \
 COPY --from=project-wheel /wheels /opt/wheels
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /opt/wheels/adaptermerge-*.whl
 # The merge's Triton kernels and their C launchers, compiled now for the common GPU architectures (no GPU
-# needed; merge_worker/kernel_cache.py), so a pod does not spend seconds compiling them: each run links
-# them into its own cache. A GPU of another architecture compiles them at run time as before.
+# needed; merge_worker/kernel_cache.py), so a pod does not spend seconds compiling them: a run on a GPU
+# copies its architecture's into its own cache. Another architecture compiles them at run time as before.
 ENV ADAPTERMERGE_BAKED_TRITON_CACHE=/opt/adaptermerge/triton-cache
 RUN /opt/venv/bin/python -m merge_worker.kernel_cache bake "$ADAPTERMERGE_BAKED_TRITON_CACHE" \
     && rm -rf /tmp/adaptermerge-libcuda-stub

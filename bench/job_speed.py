@@ -229,7 +229,8 @@ def make_datasets(root: Path, base: str, device: torch.device, *, examples: int,
 
 
 def write_spec(root: Path, name: str, *, base: str, adapters: list[str], output: str, fmt: str,
-               datasets: list[str] | None = None, new_tokens: int = 64, quantization: str = "none") -> Path:
+               datasets: list[str] | None = None, new_tokens: int = 64, quantization: str = "none",
+               search: dict | None = None) -> Path:
     import yaml
 
     spec: dict = {
@@ -245,6 +246,8 @@ def write_spec(root: Path, name: str, *, base: str, adapters: list[str], output:
         spec["evaluation"] = {"datasets": [
             {"name": Path(d).stem, "path": d, "adapter": Path(d).stem, "exactMatch": True, "maxExamples": 32}
             for d in datasets], "maxNewTokens": new_tokens}
+    if search:
+        spec["search"] = search
     path = root / "specs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"apiVersion": "adaptermerge.io/v1alpha1", "kind": "AdapterMerge",
@@ -387,8 +390,8 @@ def cold_rows(root: Path, base: str, adapters: list[str], device: str, env: dict
     if device == "cuda" and kernel_cache.RECORDED.exists():
         baked = root / "triton-baked"
         shutil.rmtree(baked, ignore_errors=True)
-        arch = "".join(map(str, torch.cuda.get_device_capability()))
-        subprocess.run([sys.executable, "-m", "merge_worker.kernel_cache", "bake", str(baked), "--arch", arch],
+        subprocess.run([sys.executable, "-m", "merge_worker.kernel_cache", "bake", str(baked),
+                        "--arch", str(kernel_cache.capability())],
                        env=env, cwd=REPO, check=True)
         seeded = []
         for i in range(max(1, repeats - 1)):
@@ -441,15 +444,10 @@ def search_row(root: Path, base: str, adapters: list[str], datasets: list[str], 
                logs: Path, quantization: str, new_tokens: int, trials: int) -> dict:
     """Issue 15 on the GPU: a random search over ties density and weights on the evaluation inputs (each
     dataset split in half: search and report), one fresh process; trials per minute from the manifest."""
+    search = {"strategy": "random", "trials": trials, "seed": 0, "objective": "worst",
+              "space": [{"method": "ties", "density": {"min": 0.2, "max": 0.9}, "weights": {"min": 0.5, "max": 1.5}}]}
     spec = write_spec(root, "search", base=base, adapters=adapters, output="out/search", fmt="adapter",
-                      datasets=datasets, new_tokens=new_tokens, quantization=quantization)
-    import yaml
-
-    resource = yaml.safe_load(spec.read_text())
-    resource["spec"]["search"] = {"strategy": "random", "trials": trials, "seed": 0, "objective": "worst",
-                                  "space": [{"method": "ties", "density": {"min": 0.2, "max": 0.9},
-                                             "weights": {"min": 0.5, "max": 1.5}}]}
-    spec.write_text(yaml.safe_dump(resource))
+                      datasets=datasets, new_tokens=new_tokens, quantization=quantization, search=search)
     run = fresh(worker(root, spec, device), gpu=device == "cuda", env=env, log=logs / "search.log")
     row = {"row": f"search, {trials} trials (random ties), {quantization}, 3 datasets x 16 search rows to "
                   f"{new_tokens} tokens", **run}

@@ -51,17 +51,20 @@ def record(path: Path, cli_args: list[str]) -> int:
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 - Triton's names
         data = json.loads(compile["specialization_data"])
-        seen[json.dumps([data["name"], data["signature"], data["attrs_vals"], data["constant_vals"]],
-                        sort_keys=True)] = data
+        seen[_identity(data)] = data
         return None
 
     knobs.runtime.jit_post_compile_hook = hook
     code = cli.main(cli_args)
-    merged = {json.dumps([d["name"], d["signature"], d["attrs_vals"], d["constant_vals"]], sort_keys=True): d
-              for d in _load(path)} | seen
+    merged = {_identity(d): d for d in _load(path)} | seen
     path.write_text(json.dumps(sorted(merged.values(), key=lambda d: (d["name"], json.dumps(d))), indent=1) + "\n")
     print(f"{len(seen)} kernel specializations recorded, {len(merged)} in {path}", file=sys.stderr)
     return code or 0
+
+
+def _identity(data: dict) -> str:
+    """What makes two records the same specialization of the same kernel."""
+    return json.dumps([data["name"], data["signature"], data["attrs_vals"], data["constant_vals"]], sort_keys=True)
 
 
 def _load(path: Path) -> list[dict]:
@@ -242,15 +245,20 @@ def seed(capability: int, cache: Path | None = None, baked: Path | None = None) 
     return copied
 
 
+def capability(device=None) -> int:
+    """A CUDA device's compute capability as the architecture number Triton targets (90 for 9.0)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def seed_for(device) -> int:
     """seed() for a torch device: the baked kernels of its architecture, on CUDA only."""
     if getattr(device, "type", None) != "cuda":
         return 0
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
     try:
-        return seed(major * 10 + minor)
+        return seed(capability(device))
     except OSError:  # a full or unwritable cache folder: the kernels compile at run time, as without one
         return 0
 
